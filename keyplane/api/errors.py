@@ -1,0 +1,70 @@
+"""Every control-plane failure leaves in the one error shape; nothing leaks a stack trace or a secret."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from keyplane.domain.errors import KeyplaneError, error_type_for
+
+log = logging.getLogger("keyplane.api")
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   **extra: Any) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "type": error_type_for(status), **extra}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    return f"{loc}: {msg}" if loc else msg
+
+
+async def _keyplane_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, KeyplaneError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "invalid_request", "The request body is not valid JSON")
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return error_response(
+            415, "invalid_request", f"Send a JSON body with 'Content-Type: application/json' (got '{content_type}')"
+        )
+    details = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": _describe(e)} for e in errors[:20]]
+    message = "; ".join(d["problem"] for d in details) or "Invalid request"
+    return error_response(422, "invalid_request", message, details=details)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        return error_response(404, "not_found", "No such route")
+    if exc.status_code == 405:
+        return error_response(405, "method_not_allowed", "Method not allowed on this route", headers=exc.headers)
+    return error_response(exc.status_code, "invalid_request", str(exc.detail), headers=exc.headers)
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+    return error_response(500, "internal_error", "An internal error occurred; it has been logged")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(KeyplaneError, _keyplane_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

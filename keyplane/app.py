@@ -1,0 +1,75 @@
+"""The ASGI entry point: hot-path routes first, raw; everything else to the FastAPI control plane."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from keyplane.api.app import build_api
+from keyplane.config import Settings
+from keyplane.domain.errors import KeyplaneError
+from keyplane.gateway.asgi import Receive, Scope, Send, send_error
+from keyplane.gateway.verify import VERIFY_PATH, VerifyEndpoint
+from keyplane.services.container import Bootstrap, Keyplane
+
+log = logging.getLogger("keyplane")
+
+
+class KeyplaneApp:
+    """A dispatcher, not a framework: a dict lookup sends hot paths to raw ASGI handlers."""
+
+    def __init__(self, settings: Settings | None = None, on_ready: Callable[[Bootstrap], None] | None = None) -> None:
+        self.settings = settings or Settings()
+        self.kp = Keyplane(self.settings)
+        self.api = build_api(self.kp)
+        self.hot_routes = {VERIFY_PATH: VerifyEndpoint(self.kp)}
+        self.on_ready = on_ready
+        self.bootstrap: Bootstrap | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            handler = self.hot_routes.get(scope["path"])
+            if handler is not None:
+                try:
+                    await handler(scope, receive, send)
+                except Exception as exc:  # never a stack trace or a secret to the client
+                    log.error("unhandled error on %s: %s", scope["path"], type(exc).__name__, exc_info=exc)
+                    await send_error(send, KeyplaneError(500, "internal_error", "An internal error occurred"))
+                return
+            await self.api(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+    async def startup(self) -> Bootstrap:
+        self.bootstrap = await self.kp.start()
+        if self.on_ready is not None:
+            self.on_ready(self.bootstrap)
+        return self.bootstrap
+
+    async def shutdown(self) -> None:
+        await self.kp.stop()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await self.shutdown()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app() -> KeyplaneApp:
+    """Factory for ASGI servers (``uvicorn --factory keyplane.app:create_app``)."""
+    return KeyplaneApp()

@@ -1,0 +1,62 @@
+"""Settings from the environment (prefix ``KEYPLANE_``); see docs/configuration.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KEYPLANE_", extra="ignore")
+
+    home: Path = Field(default=Path(".keyplane"), description="Where the embedded SQLite store lives.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy async URL; default sqlite+aiosqlite under home."
+    )
+    database_schema: str | None = Field(
+        default=None, description="PostgreSQL schema to use (search_path); default the server's."
+    )
+    redis_url: str | None = None
+    admin_token: str | None = Field(default=None, description="Admin token to use on first start.")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = Field(default=None, description="URL printed and used in connect snippets.")
+
+    # Hot path
+    key_cache_size: int = 100_000
+    key_cache_ttl_seconds: float = 30.0
+    negative_cache_size: int = 100_000
+    negative_cache_ttl_seconds: float = 5.0
+    change_poll_seconds: float = Field(
+        default=1.0, description="How often a server looks for changes other processes (the CLI) made."
+    )
+    last_used_flush_seconds: float = 2.0
+    recent_use_window_seconds: int = 24 * 3600
+
+    default_limit_profile: str | None = "standard"
+    max_body_bytes: int = 1_048_576
+    log_level: str = "INFO"
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.home / 'keyplane.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # noqa: S104 (display only)
+        return f"http://{host}:{self.port}"

@@ -1,0 +1,111 @@
+"""The one error shape every surface answers with (DESIGN.md, "One error shape everywhere")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_TYPE_BY_STATUS = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "upstream_error",
+}
+
+
+def error_type_for(status: int) -> str:
+    if status in _TYPE_BY_STATUS:
+        return _TYPE_BY_STATUS[status]
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+class KeyplaneError(Exception):
+    """A refusal a client can act on: HTTP status, stable machine code and a human message.
+
+    Messages never contain secrets; callers pass masks, never tokens.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    @property
+    def type(self) -> str:
+        return error_type_for(self.status)
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message, "type": self.type}
+        err.update(self.extra)
+        return {"error": err}
+
+
+BEARER_CHALLENGE = 'Bearer realm="keyplane"'
+
+
+def missing_bearer() -> KeyplaneError:
+    return KeyplaneError(
+        401,
+        "missing_bearer",
+        "No API key provided: send 'Authorization: Bearer <key>'",
+        headers={"WWW-Authenticate": BEARER_CHALLENGE},
+    )
+
+
+def invalid_api_key(message: str = "The API key provided is invalid or has been revoked") -> KeyplaneError:
+    return KeyplaneError(
+        401,
+        "invalid_api_key",
+        message,
+        headers={"WWW-Authenticate": f'{BEARER_CHALLENGE}, error="invalid_token"'},
+    )
+
+
+def auth_error(code: str, message: str) -> KeyplaneError:
+    return KeyplaneError(
+        401, code, message, headers={"WWW-Authenticate": f'{BEARER_CHALLENGE}, error="invalid_token"'}
+    )
+
+
+def insufficient_scope(scope: str) -> KeyplaneError:
+    return KeyplaneError(
+        403,
+        "insufficient_scope",
+        f"This credential lacks the scope '{scope}' required here",
+        headers={"WWW-Authenticate": f'{BEARER_CHALLENGE}, error="insufficient_scope", scope="{scope}"'},
+        extra={"scope": scope},
+    )
+
+
+def cannot_grant(scopes: list[str]) -> KeyplaneError:
+    listed = ", ".join(sorted(scopes))
+    return KeyplaneError(
+        403,
+        "insufficient_scope",
+        f"You cannot grant scopes you do not hold: {listed}",
+        extra={"scope": sorted(scopes)[0]},
+    )
+
+
+def invalid_request(message: str, **extra: Any) -> KeyplaneError:
+    return KeyplaneError(400, "invalid_request", message, extra=extra)
+
+
+def not_found(what: str, ident: str) -> KeyplaneError:
+    return KeyplaneError(404, "not_found", f"No {what} with id '{ident}'")
+
+
+def conflict(message: str, code: str = "conflict") -> KeyplaneError:
+    return KeyplaneError(409, code, message)

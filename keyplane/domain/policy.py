@@ -1,0 +1,138 @@
+"""A virtual key's policy as the hot path sees it, and the pure checks applied to it."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Verify-API result codes, in the order the checks run.
+VALID = "VALID"
+NOT_FOUND = "NOT_FOUND"
+DISABLED = "DISABLED"
+EXPIRED = "EXPIRED"
+INSUFFICIENT_SCOPE = "INSUFFICIENT_SCOPE"
+IP_NOT_ALLOWED = "IP_NOT_ALLOWED"
+
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+MAX_IP_ALLOWLIST = 64
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """Raises ValueError naming the bad entry; a bare address is a /32 or /128."""
+    nets = []
+    for cidr in cidrs:
+        try:
+            nets.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"'{cidr}' is not an IPv4/IPv6 address or CIDR") from None
+    return tuple(nets)
+
+
+def ip_allowed(networks: tuple[IPNetwork, ...], ip: str | None) -> bool:
+    if not networks:
+        return True
+    if not ip:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    cost_per_day_usd: float | None = None
+    budget_per_month_usd: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests_per_minute": self.requests_per_minute,
+            "tokens_per_minute": self.tokens_per_minute,
+            "cost_per_day_usd": self.cost_per_day_usd,
+            "budget_per_month_usd": self.budget_per_month_usd,
+        }
+
+    def exceeds(self, parent: Limits) -> list[str]:
+        """Names of the limits where ``self`` is looser than ``parent`` (None = unlimited)."""
+        looser = []
+        for name, mine in self.as_dict().items():
+            theirs = getattr(parent, name)
+            if theirs is not None and (mine is None or mine > theirs):
+                looser.append(name)
+        return looser
+
+
+@dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    """Everything a request needs to decide on a key, folded with its ancestors at load time.
+
+    ``status`` is the effective one: a disabled or deleted ancestor makes it "disabled";
+    ``expires_at`` is the earliest of the key's and its ancestors' expiries (unix seconds).
+    ``valid_until`` is set when this snapshot was found under the previous secret of a rotation.
+    """
+
+    id: str
+    org_id: str
+    name: str
+    status: str
+    scopes: frozenset[str]
+    expires_at: float | None
+    networks: tuple[IPNetwork, ...]
+    limits: Limits
+    limit_profile: str | None
+    ancestor_ids: tuple[str, ...] = ()
+    require_signature: bool = False
+    allowed_models: tuple[str, ...] = ()
+    cost_center: str | None = None
+    environment: str | None = None
+    valid_until: float | None = None
+    public: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.ancestor_ids[0] if self.ancestor_ids else None
+
+
+def check(
+    key: KeySnapshot | None,
+    now: float,
+    *,
+    scopes: Iterable[str] = (),
+    ip: str | None = None,
+) -> tuple[str, str | None]:
+    """The verify-API decision. Returns (code, missing scope or None)."""
+    if key is None or (key.valid_until is not None and now >= key.valid_until):
+        return NOT_FOUND, None
+    if key.status != "enabled":
+        return DISABLED, None
+    if key.expires_at is not None and now >= key.expires_at:
+        return EXPIRED, None
+    if not ip_allowed(key.networks, ip):
+        return IP_NOT_ALLOWED, None
+    for scope in scopes:
+        if scope not in key.scopes:
+            return INSUFFICIENT_SCOPE, scope
+    return VALID, None
+
+
+def validate_metadata(metadata: dict[str, Any]) -> None:
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise ValueError(f"metadata holds at most {MAX_METADATA_ENTRIES} entries")
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError("metadata is a map of strings to strings")
+        if not k or len(k) > MAX_METADATA_KEY:
+            raise ValueError(f"metadata keys are 1 to {MAX_METADATA_KEY} characters")
+        if len(v) > MAX_METADATA_VALUE:
+            raise ValueError(f"metadata values are at most {MAX_METADATA_VALUE} characters")

@@ -1,0 +1,101 @@
+"""Scopes and the one table of which route needs which scope (DESIGN.md "Scopes")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+ADMIN = "admin"
+
+CONTROL_PLANE_SCOPES: frozenset[str] = frozenset(
+    {
+        "virtual_keys:read",
+        "virtual_keys:create",
+        "virtual_keys:revoke",
+        "virtual_keys:write",
+        "usage:read",
+        "limit_profiles:list",
+        "limit_profiles:write",
+        "providers:manage",
+        "service_accounts:manage",
+        "audit:read",
+        "keys:verify",
+        ADMIN,
+    }
+)
+
+DATA_PLANE_SCOPES: frozenset[str] = frozenset(
+    {
+        "chats:create",
+        "completions:create",
+        "embeddings:create",
+        "models:read",
+        "files:read",
+        "files:write",
+        "contexts:read",
+        "contexts:write",
+    }
+)
+
+ALL_SCOPES = CONTROL_PLANE_SCOPES | DATA_PLANE_SCOPES
+
+# What a new virtual key gets when the request names no scopes (narrowed to what the minter holds).
+DEFAULT_KEY_SCOPES: frozenset[str] = frozenset(
+    {"models:read", "chats:create", "completions:create", "embeddings:create"}
+)
+
+# Control plane: (method, route template as FastAPI/Starlette declares it) -> required scope.
+CONTROL_PLANE_ROUTES: dict[tuple[str, str], str] = {
+    ("GET", "/api/v1/keys"): "virtual_keys:read",
+    ("POST", "/api/v1/keys"): "virtual_keys:create",
+    ("GET", "/api/v1/keys/{key_id}"): "virtual_keys:read",
+    ("PATCH", "/api/v1/keys/{key_id}"): "virtual_keys:write",
+    ("DELETE", "/api/v1/keys/{key_id}"): "virtual_keys:revoke",
+    ("POST", "/api/v1/keys/{key_id}/disable"): "virtual_keys:revoke",
+    ("POST", "/api/v1/keys/{key_id}/enable"): "virtual_keys:revoke",
+    ("POST", "/api/v1/keys/{key_id}/rotate"): "virtual_keys:revoke",
+    ("POST", "/api/v1/keys/{key_id}/subkeys"): "virtual_keys:create",
+    ("POST", "/api/v1/keys/verify"): "keys:verify",
+    ("GET", "/api/v1/service-accounts"): "service_accounts:manage",
+    ("POST", "/api/v1/service-accounts"): "service_accounts:manage",
+    ("GET", "/api/v1/service-accounts/{sa_id}"): "service_accounts:manage",
+    ("DELETE", "/api/v1/service-accounts/{sa_id}"): "service_accounts:manage",
+    ("GET", "/api/v1/limit-profiles"): "limit_profiles:list",
+    ("GET", "/api/v1/limit-profiles/{name}"): "limit_profiles:list",
+    ("POST", "/api/v1/limit-profiles"): "limit_profiles:write",
+    ("PATCH", "/api/v1/limit-profiles/{name}"): "limit_profiles:write",
+    ("DELETE", "/api/v1/limit-profiles/{name}"): "limit_profiles:write",
+    ("GET", "/api/v1/audit"): "audit:read",
+    ("GET", "/api/v1/audit/verify"): "audit:read",
+    ("GET", "/api/v1/whoami"): "",  # any valid token
+}
+
+# Data plane: (method, path) -> required scope. Exact paths: the gateway dispatches on them.
+DATA_PLANE_ROUTES: dict[tuple[str, str], str] = {
+    ("GET", "/v1/models"): "models:read",
+    ("POST", "/v1/chat/completions"): "chats:create",
+    ("POST", "/v1/completions"): "completions:create",
+    ("POST", "/v1/embeddings"): "embeddings:create",
+}
+
+
+def holds(held: Iterable[str], scope: str) -> bool:
+    """``admin`` holds every scope, control plane and data plane alike."""
+    held = held if isinstance(held, (set, frozenset)) else set(held)
+    return scope in held or ADMIN in held
+
+
+def missing(held: Iterable[str], wanted: Iterable[str]) -> list[str]:
+    """The scopes of ``wanted`` a holder of ``held`` may not grant (sorted, for stable messages)."""
+    held = frozenset(held)
+    if ADMIN in held:
+        return []
+    return sorted(set(wanted) - held)
+
+
+def unknown(scopes: Iterable[str], allowed: frozenset[str]) -> list[str]:
+    return sorted(set(scopes) - allowed)
+
+
+def expand(held: Iterable[str]) -> frozenset[str]:
+    held = frozenset(held)
+    return ALL_SCOPES if ADMIN in held else held

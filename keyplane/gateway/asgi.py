@@ -1,0 +1,81 @@
+"""Raw ASGI helpers for the hot path: no framework, no dependency injection, no middleware."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from keyplane.domain.errors import KeyplaneError
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_JSON = (b"content-type", b"application/json")
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """First value of a (lower-case) request header."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def bearer(scope: Scope) -> str | None:
+    """``Authorization: Bearer …``, or the ``x-api-key`` header Anthropic-style clients send."""
+    auth = None
+    api_key = None
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            auth = value
+        elif key == b"x-api-key":
+            api_key = value
+    if auth is not None:
+        scheme, _, token = auth.decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    if api_key is not None and api_key.strip():
+        return api_key.decode("latin-1").strip()
+    return None
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+async def send_json(
+    send: Send, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = orjson.dumps(payload)
+    raw_headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    if headers:
+        raw_headers.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, exc: KeyplaneError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
+    if headers:
+        extra.extend(headers)
+    await send_json(send, exc.status, exc.body(), extra)

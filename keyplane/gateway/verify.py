@@ -1,0 +1,70 @@
+"""``POST /api/v1/keys/verify``: any service delegates its key checks to keyplane (hot path)."""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import ValidationError
+
+from keyplane.domain import policy
+from keyplane.domain.errors import KeyplaneError, invalid_request
+from keyplane.domain.scopes import CONTROL_PLANE_ROUTES
+from keyplane.gateway.asgi import BodyTooLarge, Receive, Scope, Send, bearer, read_body, send_error, send_json
+from keyplane.services.container import Keyplane
+from keyplane.services.schemas import VerifyRequest
+
+VERIFY_PATH = "/api/v1/keys/verify"
+_REQUIRED_SCOPE = CONTROL_PLANE_ROUTES[("POST", VERIFY_PATH)]
+_ALLOW_POST = [(b"allow", b"POST")]
+
+
+def _validation_message(exc: ValidationError) -> KeyplaneError:
+    errors = exc.errors()
+    if any(e["type"] == "json_invalid" for e in errors):
+        return invalid_request("The request body is not valid JSON")
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}"
+        for e in errors[:10]
+    )
+    err = invalid_request(problems)
+    err.status = 422
+    return err
+
+
+class VerifyEndpoint:
+    def __init__(self, kp: Keyplane) -> None:
+        self.kp = kp
+        self.max_body = kp.settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await send_error(send, KeyplaneError(405, "method_not_allowed", "Use POST"), _ALLOW_POST)
+            return
+        try:
+            caller = await self.kp.authenticate_service_account(bearer(scope))
+            caller.require(_REQUIRED_SCOPE)
+            try:
+                raw = await read_body(receive, self.max_body)
+            except BodyTooLarge:
+                raise KeyplaneError(413, "payload_too_large", f"Bodies are limited to {self.max_body} bytes") from None
+            try:
+                req = VerifyRequest.model_validate_json(raw or b"{}")
+            except ValidationError as exc:
+                raise _validation_message(exc) from None
+            key = await self.kp.lookup_key(req.key)
+            if key is not None and key.org_id != caller.org_id:
+                key = None  # another organization's key does not exist for this caller
+            code, missing_scope = policy.check(key, time.time(), scopes=req.scopes, ip=req.ip)
+        except KeyplaneError as exc:
+            await send_error(send, exc)
+            return
+        if code == policy.VALID and key is not None:
+            self.kp.record_use(key)
+        payload: dict[str, object] = {
+            "valid": code == policy.VALID,
+            "code": code,
+            "key": key.public if key is not None else None,
+        }
+        if missing_scope:
+            payload["missing_scope"] = missing_scope
+        await send_json(send, 200, payload)

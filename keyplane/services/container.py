@@ -1,0 +1,197 @@
+"""One object that owns the store, the hot-path caches and the services every adapter calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+
+from keyplane.config import Settings
+from keyplane.domain import tokens
+from keyplane.domain.errors import KeyplaneError, invalid_api_key, missing_bearer
+from keyplane.domain.policy import KeySnapshot
+from keyplane.runtime.cache import ABSENT, CredentialCache
+from keyplane.runtime.usage_tracker import LastUsedTracker
+from keyplane.services import credentials
+from keyplane.services.audit import AuditService
+from keyplane.services.keys import KeyService
+from keyplane.services.limit_profiles import LimitProfileService
+from keyplane.services.organizations import DEFAULT_ORG, OrganizationService
+from keyplane.services.principal import Principal
+from keyplane.services.service_accounts import ServiceAccountService
+from keyplane.store import migrate
+from keyplane.store.db import Database
+from keyplane.store.models import Organization
+
+log = logging.getLogger("keyplane")
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """What the first start created; ``admin_token`` is shown once, then forgotten."""
+
+    created: bool
+    org_id: str
+    admin_token: str | None = None
+
+
+class CacheInvalidator:
+    """Drops cached credentials in this process when the service layer changes them."""
+
+    def __init__(self, keys: CredentialCache[KeySnapshot], accounts: CredentialCache[Principal]) -> None:
+        self.keys = keys
+        self.accounts = accounts
+
+    def key(self, key_id: str) -> None:
+        self.keys.invalidate(key_id)
+
+    def service_account(self, sa_id: str) -> None:
+        self.accounts.invalidate(sa_id)
+
+    def new_secret(self, digest: str) -> None:
+        self.keys.forget_negative(digest)
+        self.accounts.forget_negative(digest)
+
+    def all(self) -> None:
+        self.keys.clear()
+        self.accounts.clear()
+
+
+class Keyplane:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        if settings.is_sqlite:
+            settings.home.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.effective_database_url, schema=settings.database_schema)
+        self.key_cache: CredentialCache[KeySnapshot] = CredentialCache(
+            settings.key_cache_size,
+            settings.key_cache_ttl_seconds,
+            settings.negative_cache_size,
+            settings.negative_cache_ttl_seconds,
+        )
+        self.sa_cache: CredentialCache[Principal] = CredentialCache(
+            10_000, settings.key_cache_ttl_seconds, 10_000, settings.negative_cache_ttl_seconds
+        )
+        self.invalidator = CacheInvalidator(self.key_cache, self.sa_cache)
+        self.tracker = LastUsedTracker()
+        self.keys = KeyService(
+            self.db,
+            self.invalidator,
+            default_limit_profile=settings.default_limit_profile,
+            recent_use_window=settings.recent_use_window_seconds,
+            last_used_in_process=self.tracker.last_used,
+        )
+        self.service_accounts = ServiceAccountService(self.db, self.invalidator)
+        self.limit_profiles = LimitProfileService(self.db, self.invalidator)
+        self.audit = AuditService(self.db)
+        self.organizations = OrganizationService(self.db)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._change_mark: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        await migrate.upgrade(self.db)
+
+    async def bootstrap(self) -> Bootstrap:
+        """Create the ``default`` organization and its admin token on first start only."""
+        existing = await self.organizations.by_name(DEFAULT_ORG)
+        if existing is not None:
+            return Bootstrap(created=False, org_id=existing["id"])
+        try:
+            new = await self.organizations.create(DEFAULT_ORG, admin_token=self.settings.admin_token)
+        except KeyplaneError as exc:
+            if exc.code == "conflict":  # another process won the race
+                return Bootstrap(created=False, org_id=await self.organizations.require_id(DEFAULT_ORG))
+            raise
+        return Bootstrap(created=True, org_id=new.org["id"], admin_token=new.admin_token)
+
+    async def start(self) -> Bootstrap:
+        await self.migrate()
+        boot = await self.bootstrap()
+        self._change_mark = await self._read_change_mark()
+        self._tasks = [
+            asyncio.create_task(self._every(self.settings.last_used_flush_seconds, self.flush), name="flush"),
+            asyncio.create_task(self._every(self.settings.change_poll_seconds, self.poll_changes), name="poll"),
+        ]
+        return boot
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.flush()
+        await self.db.dispose()
+
+    async def _every(self, seconds: float, job: object) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()  # type: ignore[operator]
+            except Exception:
+                log.exception("background job failed; will retry")
+
+    async def flush(self) -> None:
+        await self.tracker.flush(self.keys.record_last_used)
+
+    async def _read_change_mark(self) -> int:
+        # Every control-plane change appends an audit event, so the sum of chain lengths moves
+        # whenever anything changed, in this process or another (the CLI, other servers).
+        async with self.db.read() as s:
+            return int((await s.execute(select(func.coalesce(func.sum(Organization.audit_seq), 0)))).scalar_one())
+
+    async def poll_changes(self) -> None:
+        mark = await self._read_change_mark()
+        if self._change_mark is not None and mark != self._change_mark:
+            self.invalidator.all()
+        self._change_mark = mark
+
+    # -- authentication (hot path: a cache hit touches no database) -----------------------------
+
+    async def lookup_key(self, token: str) -> KeySnapshot | None:
+        if not tokens.is_well_formed(token, tokens.VIRTUAL_KEY_PREFIX):
+            return None
+        digest = tokens.hash_token(token)
+        cached = self.key_cache.peek(digest)
+        if cached is ABSENT:
+            return None
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        return await self.key_cache.load(digest, self._load_key, _key_tags)
+
+    async def _load_key(self, digest: str) -> KeySnapshot | None:
+        return await credentials.load_key(self.db, digest)
+
+    async def authenticate_service_account(self, token: str | None) -> Principal:
+        if not token:
+            raise missing_bearer()
+        if not tokens.is_well_formed(token, tokens.SERVICE_ACCOUNT_PREFIX):
+            raise invalid_api_key("The service-account token is malformed, invalid or revoked")
+        digest = tokens.hash_token(token)
+        cached = self.sa_cache.peek(digest)
+        if cached is ABSENT:
+            principal = None
+        elif cached is not None:
+            principal = cached  # type: ignore[assignment]
+        else:
+            principal = await self.sa_cache.load(digest, self._load_sa, lambda p: (p.id,))
+        if principal is None:
+            raise invalid_api_key("The service-account token is malformed, invalid or revoked")
+        return principal
+
+    async def _load_sa(self, digest: str) -> Principal | None:
+        return await credentials.load_service_account(self.db, digest)
+
+    def record_use(self, key: KeySnapshot) -> None:
+        self.tracker.touch(key.id, time.time())
+
+
+def _key_tags(snapshot: KeySnapshot) -> tuple[str, ...]:
+    return (snapshot.id, *snapshot.ancestor_ids)

@@ -1,0 +1,102 @@
+"""Loading what the hot path caches: a key's folded policy, a service account's principal."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import or_, select
+
+from keyplane.domain import policy
+from keyplane.services.keys import MAX_SUBKEY_DEPTH, key_to_dict
+from keyplane.services.limit_profiles import limits_of
+from keyplane.services.principal import Principal
+from keyplane.store.db import Database
+from keyplane.store.models import LimitProfile, ServiceAccount, VirtualKey
+
+_PUBLIC_FIELDS = (
+    "id", "name", "masked_key", "status", "scopes", "expires_at", "limit_profile", "cost_center",
+    "environment", "metadata", "allowed_models", "require_signature", "parent_id", "created_at",
+)
+
+
+def _ts(dt: datetime | None) -> float | None:
+    return dt.timestamp() if dt is not None else None
+
+
+async def load_key(db: Database, digest: str) -> policy.KeySnapshot | None:
+    """The key whose current (or in-grace previous) secret hashes to ``digest``, folded with its ancestors."""
+    async with db.read() as s:
+        row = (
+            await s.execute(
+                select(VirtualKey).where(
+                    or_(VirtualKey.key_hash == digest, VirtualKey.previous_key_hash == digest),
+                    VirtualKey.status != "deleted",
+                )
+            )
+        ).scalar_one_or_none()
+        if row is None:
+            return None
+        valid_until = None
+        if row.key_hash != digest:
+            valid_until = _ts(row.previous_valid_until)
+            if valid_until is None or valid_until <= datetime.now(UTC).timestamp():
+                return None
+        status = row.status
+        expires = _ts(row.expires_at)
+        scopes = frozenset(row.scopes)
+        ancestors: list[str] = []
+        parent_id = row.parent_id
+        while parent_id is not None and len(ancestors) < MAX_SUBKEY_DEPTH:
+            parent = (await s.execute(select(VirtualKey).where(VirtualKey.id == parent_id))).scalar_one_or_none()
+            ancestors.append(parent_id)
+            if parent is None or parent.status != "enabled":
+                status = "disabled"
+                break
+            parent_expiry = _ts(parent.expires_at)
+            if parent_expiry is not None and (expires is None or parent_expiry < expires):
+                expires = parent_expiry
+            scopes &= frozenset(parent.scopes)  # a narrowed parent narrows its sub-keys too
+            parent_id = parent.parent_id
+        profile = None
+        if row.limit_profile_id:
+            profile = (
+                await s.execute(select(LimitProfile).where(LimitProfile.id == row.limit_profile_id))
+            ).scalar_one_or_none()
+        full = key_to_dict(row, profile.name if profile else None)
+    # What the verify API answers with: the effective policy, nothing that changes per request.
+    public = {name: full[name] for name in _PUBLIC_FIELDS}
+    public.update(
+        status=status,
+        scopes=sorted(scopes),
+        expires_at=datetime.fromtimestamp(expires, UTC) if expires is not None else None,
+    )
+    return policy.KeySnapshot(
+        id=row.id,
+        org_id=row.org_id,
+        name=row.name,
+        status=status,
+        scopes=scopes,
+        expires_at=expires,
+        networks=policy.parse_networks(row.ip_allowlist or []),
+        limits=limits_of(profile),
+        limit_profile=profile.name if profile else None,
+        ancestor_ids=tuple(ancestors),
+        require_signature=row.require_signature,
+        allowed_models=tuple(row.allowed_models or ()),
+        cost_center=row.cost_center,
+        environment=row.environment,
+        valid_until=valid_until,
+        public=public,
+    )
+
+
+async def load_service_account(db: Database, digest: str) -> Principal | None:
+    async with db.read() as s:
+        sa = (
+            await s.execute(
+                select(ServiceAccount).where(ServiceAccount.token_hash == digest, ServiceAccount.revoked_at.is_(None))
+            )
+        ).scalar_one_or_none()
+    if sa is None:
+        return None
+    return Principal(org_id=sa.org_id, id=sa.id, name=sa.name, scopes=frozenset(sa.scopes))

@@ -1,0 +1,21 @@
+"""Opaque cursors over an increasing integer column."""
+
+from __future__ import annotations
+
+import base64
+
+from keyplane.domain.errors import invalid_request
+
+
+def encode_cursor(position: int) -> str:
+    return base64.urlsafe_b64encode(f"p{position}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith("p"):
+            raise ValueError
+        return int(raw[1:])
+    except (ValueError, UnicodeDecodeError):
+        raise invalid_request("'cursor' is not a cursor this API returned") from None

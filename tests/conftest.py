@@ -1,0 +1,117 @@
+"""Fixtures: the app on SQLite and, when KEYPLANE_TEST_POSTGRES_URL is set, on PostgreSQL too."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from keyplane.app import KeyplaneApp
+from keyplane.config import Settings
+
+POSTGRES_URL = os.environ.get("KEYPLANE_TEST_POSTGRES_URL")
+BACKENDS = ["sqlite"] + (["postgresql"] if POSTGRES_URL else [])
+if os.environ.get("CI") and not POSTGRES_URL:
+    raise RuntimeError("CI must set KEYPLANE_TEST_POSTGRES_URL so the suite runs against PostgreSQL too")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+async def drop_schema(schema: str) -> None:
+    assert POSTGRES_URL
+    engine = create_async_engine(POSTGRES_URL)
+    async with engine.begin() as conn:
+        await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    await engine.dispose()
+
+
+@pytest.fixture
+async def settings_factory(backend: str, tmp_path: Path) -> AsyncIterator[Any]:
+    """Makes Settings for this test's store; every call shares the same store (same schema/home)."""
+    schema = f"kp_test_{secrets.token_hex(6)}"
+
+    def make(**overrides: Any) -> Settings:
+        base: dict[str, Any] = {"home": tmp_path / "home", "change_poll_seconds": 0.2, "last_used_flush_seconds": 0.2}
+        if backend == "postgresql":
+            base.update(database_url=POSTGRES_URL, database_schema=schema)
+        base.update(overrides)
+        return Settings(**base)
+
+    yield make
+    if backend == "postgresql":
+        await drop_schema(schema)
+
+
+@pytest.fixture
+async def app(settings_factory: Any) -> AsyncIterator[KeyplaneApp]:
+    application = KeyplaneApp(settings_factory())
+    await application.startup()
+    yield application
+    await application.shutdown()
+
+
+@pytest.fixture
+async def client(app: KeyplaneApp) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://keyplane.test") as c:
+        yield c
+
+
+@pytest.fixture
+def admin_token(app: KeyplaneApp) -> str:
+    assert app.bootstrap is not None and app.bootstrap.admin_token
+    return app.bootstrap.admin_token
+
+
+@pytest.fixture
+def admin(admin_token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {admin_token}"}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_error(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert err["code"] == code, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and err["type"]
+    return err
+
+
+async def create_key(client: httpx.AsyncClient, headers: dict[str, str], **fields: Any) -> tuple[dict[str, Any], str]:
+    fields.setdefault("name", "test-key")
+    resp = await client.post("/api/v1/keys", json=fields, headers=headers)
+    assert resp.status_code == 201, resp.text
+    body = resp.json()
+    return body["key"], body["secret"]
+
+
+async def verify(
+    client: httpx.AsyncClient, headers: dict[str, str], key: str, **fields: Any
+) -> dict[str, Any]:
+    resp = await client.post("/api/v1/keys/verify", json={"key": key, **fields}, headers=headers)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+async def create_sa(
+    client: httpx.AsyncClient, headers: dict[str, str], scopes: list[str], name: str = "agent"
+) -> tuple[dict[str, Any], str]:
+    resp = await client.post("/api/v1/service-accounts", json={"name": name, "scopes": scopes}, headers=headers)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["service_account"], resp.json()["token"]
