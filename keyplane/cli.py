@@ -179,6 +179,9 @@ def serve(
     if port is not None:
         overrides["port"] = port
     settings = Settings(**overrides)
+    if settings.admin_token and not tokens.is_well_formed(settings.admin_token, tokens.SERVICE_ACCOUNT_PREFIX):
+        _fail("invalid_request: KEYPLANE_ADMIN_TOKEN must be a well-formed mcp_sa_ token "
+              "(`keyplane token generate` prints one)")
     configure_logging(settings.log_level)
     application = KeyplaneApp(settings, on_ready=_banner(settings))
     uvicorn.run(application, host=settings.host, port=settings.port, access_log=False, log_config=None,

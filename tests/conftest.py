@@ -115,3 +115,16 @@ async def create_sa(
     resp = await client.post("/api/v1/service-accounts", json={"name": name, "scopes": scopes}, headers=headers)
     assert resp.status_code == 201, resp.text
     return resp.json()["service_account"], resp.json()["token"]
+
+
+@pytest.fixture
+async def store_env(backend: str, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
+    """Environment for real keyplane processes sharing one store (SQLite home or a PostgreSQL schema)."""
+    env = {"KEYPLANE_HOME": str(tmp_path / "home"), "KEYPLANE_CHANGE_POLL_SECONDS": "0.2"}
+    schema = f"kp_test_{secrets.token_hex(6)}"
+    if backend == "postgresql":
+        assert POSTGRES_URL
+        env.update(KEYPLANE_DATABASE_URL=POSTGRES_URL, KEYPLANE_DATABASE_SCHEMA=schema)
+    yield env
+    if backend == "postgresql":
+        await drop_schema(schema)

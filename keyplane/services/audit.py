@@ -43,11 +43,15 @@ async def append(
 ) -> AuditEvent:
     """Append inside the caller's transaction, so the event and the change commit together.
 
-    The organization row is the chain head; locking it (FOR UPDATE on PostgreSQL; SQLite's
-    BEGIN IMMEDIATE already admits one writer) serializes appends across processes.
+    The organization row is the chain head; locking it serializes appends across processes
+    (SQLite's BEGIN IMMEDIATE already admits one writer). On PostgreSQL the lock is FOR NO KEY
+    UPDATE: rows inserted earlier in the transaction hold FOR KEY SHARE on the organization through
+    their foreign keys, and a plain FOR UPDATE would deadlock two such writers.
     """
     org = (
-        await session.execute(select(Organization).where(Organization.id == principal.org_id).with_for_update())
+        await session.execute(
+            select(Organization).where(Organization.id == principal.org_id).with_for_update(key_share=True)
+        )
     ).scalar_one()
     details = details or {}
     seq = org.audit_seq + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyplane.domain.errors import conflict, invalid_request
@@ -122,4 +122,6 @@ class LimitProfileService:
             if in_use:
                 raise conflict(f"Limit profile '{name}' is used by {in_use} key(s); move them first")
             await audit.append(s, principal, "limit_profile.delete", p.id, {"name": name})
+            # Deleted keys may still point at it; they are never served again, so let go.
+            await s.execute(update(VirtualKey).where(VirtualKey.limit_profile_id == p.id).values(limit_profile_id=None))
             await s.delete(p)

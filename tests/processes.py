@@ -1,0 +1,98 @@
+"""Real ``keyplane`` processes for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+KEYPLANE = shutil.which("keyplane", path=str(Path(sys.executable).parent)) or "keyplane"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_for(settings_env: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYPLANE_")}
+    env.update(settings_env)
+    return env
+
+
+def cli(settings_env: dict[str, str], *args: str, check: bool = True, cwd: Path | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([KEYPLANE, *args], env=env_for(settings_env), capture_output=True, text=True,
+                            timeout=60, cwd=cwd)
+    if check and result.returncode != 0:
+        raise AssertionError(f"keyplane {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+class Server:
+    """``keyplane serve`` in a subprocess; collects stdout and stderr for later inspection."""
+
+    def __init__(self, settings_env: dict[str, str], cwd: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [KEYPLANE, "serve", "--port", str(self.port), *args],
+            env=env_for(settings_env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _pump(stream: Any, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{''.join(self.stderr)}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    time.sleep(0.1)  # let the banner reach stdout
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("server did not become ready")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for t in self._threads:
+            t.join(timeout=5)
+        return self.proc.returncode
+
+    @property
+    def output(self) -> str:
+        return "".join(self.stdout)
+
+    @property
+    def logs(self) -> str:
+        return "".join(self.stderr)

@@ -1,0 +1,167 @@
+"""The quickstart path through real ``keyplane serve`` and ``keyplane`` CLI processes."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keyplane.domain import tokens
+from tests.processes import Server, cli
+
+TOKEN_RE = re.compile(r"mcp_sa_[0-9A-Za-z]{32}")
+
+
+def _admin_token(server: Server) -> str:
+    found = TOKEN_RE.findall(server.output)
+    assert len(found) == 1, server.output
+    return found[0]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_first_start_prints_the_token_once_and_later_starts_reuse_the_store(
+    store_env: dict[str, str], tmp_path: Path
+) -> None:
+    server = Server(store_env, tmp_path)
+    try:
+        server.wait_ready()
+        token = _admin_token(server)
+        assert server.url in server.output and "shown once" in server.output
+        headers = {"Authorization": f"Bearer {token}"}
+        created = httpx.post(f"{server.url}/api/v1/keys", json={"name": "qs"}, headers=headers).json()
+        secret = created["secret"]
+        ok = httpx.post(f"{server.url}/api/v1/keys/verify", json={"key": secret}, headers=headers).json()
+        assert ok["valid"] is True
+        assert httpx.get(f"{server.url}/docs").status_code == 200
+        assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+    finally:
+        assert server.stop() in (0, -15)  # uvicorn re-raises SIGTERM after a graceful shutdown
+    assert "Application shutdown complete" in server.logs
+    assert (tmp_path / "home" / "keyplane.db").exists()
+    assert token not in server.logs and secret not in server.logs  # logs never carry a secret
+
+    again = Server(store_env, tmp_path)
+    try:
+        again.wait_ready()
+        assert TOKEN_RE.findall(again.output) == []  # not printed, not regenerated
+        assert "printed on first start" in again.output
+        keys = httpx.get(f"{again.url}/api/v1/keys", headers=headers).json()["data"]
+        assert [k["name"] for k in keys] == ["qs"]
+    finally:
+        again.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_admin_token_from_the_environment(store_env: dict[str, str], tmp_path: Path) -> None:
+    wanted = cli(store_env, "token", "generate").stdout.strip()
+    assert tokens.is_well_formed(wanted, tokens.SERVICE_ACCOUNT_PREFIX)
+
+    refused = cli({**store_env, "KEYPLANE_ADMIN_TOKEN": "mcp_sa_not-a-token"}, "serve", check=False, cwd=tmp_path)
+    assert refused.returncode != 0 and "KEYPLANE_ADMIN_TOKEN" in refused.stderr
+
+    server = Server({**store_env, "KEYPLANE_ADMIN_TOKEN": wanted}, tmp_path)
+    try:
+        server.wait_ready()
+        assert wanted not in server.output and "KEYPLANE_ADMIN_TOKEN" in server.output
+        who = httpx.get(f"{server.url}/api/v1/whoami", headers={"Authorization": f"Bearer {wanted}"})
+        assert who.status_code == 200 and who.json()["name"] == "admin"
+    finally:
+        server.stop()
+
+
+def test_cli_manages_keys_and_a_running_server_notices(
+    backend: str, store_env: dict[str, str], tmp_path: Path
+) -> None:
+    server = Server(store_env, tmp_path)
+    try:
+        server.wait_ready()
+        headers = {"Authorization": f"Bearer {_admin_token(server)}"}
+        made = json.loads(cli(store_env, "keys", "create", "from-cli", "--scope", "chats:create",
+                              "--cost-center", "cc9", "--meta", "team=ml", "--json").stdout)
+        secret, key_id = made["secret"], made["key"]["id"]
+
+        def check() -> str:
+            resp = httpx.post(f"{server.url}/api/v1/keys/verify", json={"key": secret}, headers=headers)
+            return str(resp.json()["code"])
+
+        assert check() == "VALID"
+        listing = cli(store_env, "keys", "list").stdout
+        assert "from-cli" in listing and "cc9" in listing and secret not in listing
+
+        cli(store_env, "keys", "disable", key_id)
+        deadline = time.monotonic() + 5
+        while check() != "DISABLED":  # the server's change poll picks up another process's change
+            assert time.monotonic() < deadline, "server never saw the CLI's disable"
+            time.sleep(0.05)
+        cli(store_env, "keys", "enable", key_id)
+
+        rotated = json.loads(cli(store_env, "keys", "rotate", key_id, "--json").stdout)
+        assert rotated["secret"] != secret
+        refused = cli(store_env, "keys", "delete", key_id, check=False)
+        assert refused.returncode != 0 and "key_recently_used" in refused.stderr
+        cli(store_env, "keys", "delete", key_id, "--force")
+
+        sa = json.loads(cli(store_env, "sa", "create", "bot", "--scope", "audit:read", "--json").stdout)
+        assert sa["token"].startswith("mcp_sa_")
+        assert "bot" in cli(store_env, "sa", "list").stdout
+        assert "standard" in cli(store_env, "limit-profiles", "list").stdout
+        bad = cli(store_env, "keys", "create", "x", "--scope", "nope", check=False)
+        assert bad.returncode == 1 and "invalid_request" in bad.stderr and "Traceback" not in bad.stderr
+
+        audit = json.loads(cli(store_env, "audit", "list", "--json").stdout)["data"]
+        assert audit[0]["action"] == "service_account.create" and audit[0]["principal"].startswith("cli:")
+        assert "audit chain OK" in cli(store_env, "audit", "verify").stdout
+
+        org = json.loads(cli(store_env, "orgs", "create", "acme", "--json").stdout)
+        acme = {"Authorization": f"Bearer {org['token']}"}
+        assert httpx.get(f"{server.url}/api/v1/keys", headers=acme).json()["data"] == []
+        assert "acme" in cli(store_env, "orgs", "list").stdout
+        assert cli(store_env, "orgs", "create", "acme", check=False).returncode == 1
+    finally:
+        server.stop()
+
+
+def test_concurrent_processes_never_fork_the_chain(backend: str, store_env: dict[str, str], tmp_path: Path) -> None:
+    server = Server(store_env, tmp_path)
+    try:
+        server.wait_ready()
+        headers = {"Authorization": f"Bearer {_admin_token(server)}"}
+
+        def via_cli(i: int) -> None:
+            cli(store_env, "keys", "create", f"cli-{i}")
+
+        def via_http(i: int) -> None:
+            resp = httpx.post(f"{server.url}/api/v1/keys", json={"name": f"http-{i}"}, headers=headers, timeout=30)
+            assert resp.status_code == 201, resp.text
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            jobs = [pool.submit(via_cli, i) for i in range(4)] + [pool.submit(via_http, i) for i in range(24)]
+            for job in jobs:
+                job.result()
+        verdict = httpx.get(f"{server.url}/api/v1/audit/verify", headers=headers).json()
+        assert verdict["ok"] and verdict["entries"] == 2 + 28
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_cli_audit_verify_names_a_tampered_entry(store_env: dict[str, str], tmp_path: Path) -> None:
+    cli(store_env, "migrate")
+    server = Server(store_env, tmp_path)  # first start creates the org
+    server.wait_ready()
+    server.stop()
+    for i in range(3):
+        cli(store_env, "keys", "create", f"k{i}")
+    assert cli(store_env, "audit", "verify").returncode == 0
+    db = sqlite3.connect(tmp_path / "home" / "keyplane.db")
+    db.execute("UPDATE audit_events SET principal = 'someone-else' WHERE seq = 4")
+    db.commit()
+    db.close()
+    result = cli(store_env, "audit", "verify", check=False)
+    assert result.returncode == 1 and "entry 4" in result.stderr

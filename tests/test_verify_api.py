@@ -1,0 +1,126 @@
+"""POST /api/v1/keys/verify: every code, the cache, and no store lookup for malformed or cached keys."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from keyplane.app import KeyplaneApp
+from keyplane.domain import tokens
+from tests.conftest import assert_error, bearer, create_key, create_sa, verify
+
+
+async def test_each_code(client: httpx.AsyncClient, admin: dict[str, str]) -> None:
+    key, secret = await create_key(client, admin, scopes=["chats:create"], ip_allowlist=["10.0.0.0/8", "::1/128"],
+                                   cost_center="cc", metadata={"team": "a"})
+    ok = await verify(client, admin, secret, scopes=["chats:create"], ip="10.2.3.4")
+    assert ok["valid"] is True and ok["code"] == "VALID"
+    assert ok["key"]["id"] == key["id"] and ok["key"]["scopes"] == ["chats:create"]
+    assert ok["key"]["metadata"] == {"team": "a"} and secret not in str(ok)
+    assert (await verify(client, admin, secret, ip="::1"))["code"] == "VALID"
+    assert (await verify(client, admin, secret, ip="::ffff:10.0.0.1"))["code"] == "VALID"
+
+    bad_ip = await verify(client, admin, secret, ip="192.168.1.1")
+    assert bad_ip == {**bad_ip, "valid": False, "code": "IP_NOT_ALLOWED"}
+    assert (await verify(client, admin, secret))["code"] == "IP_NOT_ALLOWED"  # allowlisted key, no IP given
+    scope = await verify(client, admin, secret, scopes=["embeddings:create"], ip="10.0.0.1")
+    assert scope["code"] == "INSUFFICIENT_SCOPE" and scope["missing_scope"] == "embeddings:create"
+
+    await client.post(f"/api/v1/keys/{key['id']}/disable", headers=admin)
+    assert (await verify(client, admin, secret, ip="10.0.0.1"))["code"] == "DISABLED"
+
+    missing = await verify(client, admin, tokens.generate(tokens.VIRTUAL_KEY_PREFIX))
+    assert missing == {"valid": False, "code": "NOT_FOUND", "key": None}
+    assert (await verify(client, admin, "mcp_sk_garbage"))["code"] == "NOT_FOUND"
+    assert (await verify(client, admin, "", scopes=[]))["code"] == "NOT_FOUND"
+
+
+async def test_expired(client: httpx.AsyncClient, admin: dict[str, str]) -> None:
+    _, secret = await create_key(client, admin, expires_in=1)
+    assert (await verify(client, admin, secret))["code"] == "VALID"
+    await asyncio.sleep(1.1)
+    assert (await verify(client, admin, secret))["code"] == "EXPIRED"
+
+
+async def test_needs_keys_verify_scope_and_bearer(client: httpx.AsyncClient, admin: dict[str, str]) -> None:
+    _, secret = await create_key(client, admin)
+    assert_error(await client.post("/api/v1/keys/verify", json={"key": secret}), 401, "missing_bearer")
+    # A virtual key cannot verify itself: this is a service-account API.
+    resp = await client.post("/api/v1/keys/verify", json={"key": secret}, headers=bearer(secret))
+    assert_error(resp, 401, "invalid_api_key")
+    _, reader = await create_sa(client, admin, ["virtual_keys:read"])
+    resp = await client.post("/api/v1/keys/verify", json={"key": secret}, headers=bearer(reader))
+    assert assert_error(resp, 403, "insufficient_scope")["scope"] == "keys:verify"
+    _, verifier = await create_sa(client, admin, ["keys:verify"])
+    assert (await verify(client, bearer(verifier), secret))["valid"]
+
+
+async def test_bad_bodies(client: httpx.AsyncClient, admin: dict[str, str]) -> None:
+    url = "/api/v1/keys/verify"
+    assert_error(await client.post(url, content=b"{nope", headers=admin), 400, "invalid_request")
+    assert_error(await client.post(url, json={"scopes": []}, headers=admin), 422, "invalid_request")
+    assert_error(await client.post(url, json={"key": 5}, headers=admin), 422, "invalid_request")
+    assert_error(await client.post(url, json={"key": "k", "extra": 1}, headers=admin), 422, "invalid_request")
+    assert_error(await client.post(url, json={"key": "k", "scopes": "x"}, headers=admin), 422, "invalid_request")
+    big = b'{"key": "' + b"a" * 2_000_000 + b'"}'
+    assert_error(await client.post(url, content=big, headers=admin), 413, "payload_too_large")
+    assert_error(await client.get(url, headers=admin), 405, "method_not_allowed")
+
+
+async def test_hits_come_from_the_cache_and_malformed_keys_never_reach_the_store(
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]
+) -> None:
+    _, secret = await create_key(client, admin)
+    loads: list[str] = []
+    real = app.kp._load_key
+
+    async def counting(digest: str):  # type: ignore[no-untyped-def]
+        loads.append(digest)
+        return await real(digest)
+
+    app.kp._load_key = counting  # type: ignore[method-assign]
+    for _ in range(20):
+        assert (await verify(client, admin, secret))["valid"]
+    assert len(loads) == 1  # one miss, then the cache
+
+    for bad in ("mcp_sk_x", secret[:-1] + ("A" if secret[-1] != "A" else "B"), "sk-openai-style", secret + "0"):
+        assert (await verify(client, admin, bad))["code"] == "NOT_FOUND"
+    assert len(loads) == 1  # refused on shape and checksum alone
+
+    unknown = tokens.generate(tokens.VIRTUAL_KEY_PREFIX)
+    for _ in range(10):
+        assert (await verify(client, admin, unknown))["code"] == "NOT_FOUND"
+    assert len(loads) == 2  # the negative cache answers repeats
+
+
+async def test_concurrent_misses_load_once(
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]
+) -> None:
+    _, secret = await create_key(client, admin)
+    app.kp.key_cache.clear()
+    loads: list[str] = []
+    real = app.kp._load_key
+
+    async def slow(digest: str):  # type: ignore[no-untyped-def]
+        loads.append(digest)
+        await asyncio.sleep(0.05)
+        return await real(digest)
+
+    app.kp._load_key = slow  # type: ignore[method-assign]
+    results = await asyncio.gather(*(verify(client, admin, secret) for _ in range(30)))
+    assert all(r["valid"] for r in results) and len(loads) == 1
+
+
+async def test_last_used_is_written_off_the_request_path(
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]
+) -> None:
+    key, secret = await create_key(client, admin)
+    for _ in range(3):
+        await verify(client, admin, secret)
+    for _ in range(50):  # the background flusher runs every 0.2 s in tests
+        got = (await client.get(f"/api/v1/keys/{key['id']}", headers=admin)).json()["key"]
+        if got["request_count"] == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert got["request_count"] == 3 and got["last_used_at"] is not None
