@@ -9,6 +9,9 @@ from keyplane.api.app import build_api
 from keyplane.config import Settings
 from keyplane.domain.errors import KeyplaneError
 from keyplane.gateway.asgi import Receive, Scope, Send, send_error
+from keyplane.gateway.dataplane import DataPlane
+from keyplane.gateway.enforce import Enforcer
+from keyplane.gateway.metrics import CONTENT_TYPE, Metrics
 from keyplane.gateway.verify import VERIFY_PATH, VerifyEndpoint
 from keyplane.services.container import Bootstrap, Keyplane
 
@@ -22,13 +25,22 @@ class KeyplaneApp:
         self.settings = settings or Settings()
         self.kp = Keyplane(self.settings)
         self.api = build_api(self.kp)
-        self.hot_routes = {VERIFY_PATH: VerifyEndpoint(self.kp)}
+        self.metrics = Metrics(self.kp)
+        self.enforcer = Enforcer(self.kp)
+        self.dataplane = DataPlane(self.kp, self.enforcer, self.metrics)
+        self.hot_routes = {
+            VERIFY_PATH: VerifyEndpoint(self.kp, self.enforcer, self.metrics),
+            "/metrics": self.serve_metrics,
+        }
         self.on_ready = on_ready
         self.bootstrap: Bootstrap | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            handler = self.hot_routes.get(scope["path"])
+            path = scope["path"]
+            handler = self.hot_routes.get(path)
+            if handler is None and path.startswith("/v1/"):
+                handler = self.dataplane
             if handler is not None:
                 try:
                     await handler(scope, receive, send)
@@ -41,6 +53,12 @@ class KeyplaneApp:
             await self._lifespan(receive, send)
         else:
             await self.api(scope, receive, send)
+
+    async def serve_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self.metrics.render()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     async def startup(self) -> Bootstrap:
         self.bootstrap = await self.kp.start()

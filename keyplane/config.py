@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     last_used_flush_seconds: float = 2.0
     recent_use_window_seconds: int = 24 * 3600
 
+    trusted_proxies: str = Field(
+        default="", description="Comma-separated CIDRs of proxies whose X-Forwarded-For is believed."
+    )
+    brake_max_failures: int = Field(default=20, description="Failed authentications per IP per minute.")
+    brake_block_seconds: float = Field(default=60.0, description="How long a braked IP is refused.")
+    access_log: bool = Field(default=True, description="One JSON log line per data-plane request.")
+
     default_limit_profile: str | None = "standard"
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"

@@ -32,8 +32,8 @@ async def test_two_orgs_are_isolated(app: KeyplaneApp, client: httpx.AsyncClient
 
     my_accounts = {a["name"] for a in (await client.get("/api/v1/service-accounts", headers=admin)).json()["data"]}
     assert my_accounts == {"admin"}
-    their_sa = [a for a in (await client.get("/api/v1/service-accounts", headers=other)).json()["data"]
-                if a["name"] == "their-bot"][0]
+    their_sa = next(a for a in (await client.get("/api/v1/service-accounts", headers=other)).json()["data"]
+                if a["name"] == "their-bot")
     assert_error(await client.delete(f"/api/v1/service-accounts/{their_sa['id']}", headers=admin), 404, "not_found")
 
     assert_error(await client.get("/api/v1/limit-profiles/acme-only", headers=admin), 404, "not_found")

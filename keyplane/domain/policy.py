@@ -97,6 +97,9 @@ class KeySnapshot:
     cost_center: str | None = None
     environment: str | None = None
     valid_until: float | None = None
+    # (bucket id, requests per minute) for this key and each ancestor with a request limit:
+    # a sub-key's request counts against its parent's bucket too.
+    buckets: tuple[tuple[str, int], ...] = ()
     public: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

@@ -10,10 +10,13 @@ from keyplane.domain import policy
 from keyplane.domain.errors import KeyplaneError, invalid_request
 from keyplane.domain.scopes import CONTROL_PLANE_ROUTES
 from keyplane.gateway.asgi import BodyTooLarge, Receive, Scope, Send, bearer, read_body, send_error, send_json
+from keyplane.gateway.enforce import Enforcer
+from keyplane.gateway.metrics import Metrics
 from keyplane.services.container import Keyplane
 from keyplane.services.schemas import VerifyRequest
 
 VERIFY_PATH = "/api/v1/keys/verify"
+RATE_LIMITED = "RATE_LIMITED"
 _REQUIRED_SCOPE = CONTROL_PLANE_ROUTES[("POST", VERIFY_PATH)]
 _ALLOW_POST = [(b"allow", b"POST")]
 
@@ -32,8 +35,13 @@ def _validation_message(exc: ValidationError) -> KeyplaneError:
 
 
 class VerifyEndpoint:
-    def __init__(self, kp: Keyplane) -> None:
+    """Shares the data plane's lookup, policy checks and rate limiter (not its brake: the caller is a
+    trusted service, not the key's holder)."""
+
+    def __init__(self, kp: Keyplane, enforcer: Enforcer, metrics: Metrics) -> None:
         self.kp = kp
+        self.limiter = enforcer.limiter
+        self.metrics = metrics
         self.max_body = kp.settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,9 +65,19 @@ class VerifyEndpoint:
             code, missing_scope = policy.check(key, time.time(), scopes=req.scopes, ip=req.ip)
         except KeyplaneError as exc:
             await send_error(send, exc)
+            self.metrics.count(VERIFY_PATH, exc.status, exc.code)
             return
+        headers: list[tuple[bytes, bytes]] = []
+        retry_after = None
         if code == policy.VALID and key is not None:
-            self.kp.record_use(key)
+            verdict = await self.limiter.acquire(key.buckets)
+            if verdict is not None:
+                headers = verdict.headers()
+                if not verdict.allowed:
+                    code = RATE_LIMITED
+                    retry_after = max(1, int(verdict.retry_after + 0.999))
+            if code == policy.VALID:
+                self.kp.record_use(key)
         payload: dict[str, object] = {
             "valid": code == policy.VALID,
             "code": code,
@@ -67,4 +85,7 @@ class VerifyEndpoint:
         }
         if missing_scope:
             payload["missing_scope"] = missing_scope
-        await send_json(send, 200, payload)
+        if retry_after is not None:
+            payload["retry_after"] = retry_after
+        await send_json(send, 200, payload, headers)
+        self.metrics.count(VERIFY_PATH, 200, code)

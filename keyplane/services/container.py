@@ -89,6 +89,8 @@ class Keyplane:
         self.limit_profiles = LimitProfileService(self.db, self.invalidator)
         self.audit = AuditService(self.db)
         self.organizations = OrganizationService(self.db)
+        # Models the data plane offers, as OpenAI-style model objects; providers fill it (empty without one).
+        self.model_catalog: list[dict[str, object]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._change_mark: int | None = None
 
@@ -188,6 +190,9 @@ class Keyplane:
 
     async def _load_sa(self, digest: str) -> Principal | None:
         return await credentials.load_service_account(self.db, digest)
+
+    def configured_models(self) -> list[dict[str, object]]:
+        return self.model_catalog
 
     def record_use(self, key: KeySnapshot) -> None:
         self.tracker.touch(key.id, time.time())

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyplane.domain import policy
+from keyplane.domain.policy import Limits
 from keyplane.services.keys import MAX_SUBKEY_DEPTH, key_to_dict
 from keyplane.services.limit_profiles import limits_of
 from keyplane.services.principal import Principal
@@ -17,6 +19,13 @@ _PUBLIC_FIELDS = (
     "id", "name", "masked_key", "status", "scopes", "expires_at", "limit_profile", "cost_center",
     "environment", "metadata", "allowed_models", "require_signature", "parent_id", "created_at",
 )
+
+
+async def _profile(s: AsyncSession, profile_id: str | None) -> Limits:
+    if profile_id is None:
+        return Limits()
+    p = (await s.execute(select(LimitProfile).where(LimitProfile.id == profile_id))).scalar_one_or_none()
+    return limits_of(p)
 
 
 def _ts(dt: datetime | None) -> float | None:
@@ -45,6 +54,7 @@ async def load_key(db: Database, digest: str) -> policy.KeySnapshot | None:
         expires = _ts(row.expires_at)
         scopes = frozenset(row.scopes)
         ancestors: list[str] = []
+        buckets: list[tuple[str, int]] = []
         parent_id = row.parent_id
         while parent_id is not None and len(ancestors) < MAX_SUBKEY_DEPTH:
             parent = (await s.execute(select(VirtualKey).where(VirtualKey.id == parent_id))).scalar_one_or_none()
@@ -56,12 +66,17 @@ async def load_key(db: Database, digest: str) -> policy.KeySnapshot | None:
             if parent_expiry is not None and (expires is None or parent_expiry < expires):
                 expires = parent_expiry
             scopes &= frozenset(parent.scopes)  # a narrowed parent narrows its sub-keys too
+            parent_rpm = (await _profile(s, parent.limit_profile_id)).requests_per_minute
+            if parent_rpm:
+                buckets.append((parent.id, parent_rpm))
             parent_id = parent.parent_id
         profile = None
         if row.limit_profile_id:
             profile = (
                 await s.execute(select(LimitProfile).where(LimitProfile.id == row.limit_profile_id))
             ).scalar_one_or_none()
+        if profile is not None and profile.requests_per_minute:
+            buckets.insert(0, (row.id, profile.requests_per_minute))
         full = key_to_dict(row, profile.name if profile else None)
     # What the verify API answers with: the effective policy, nothing that changes per request.
     public = {name: full[name] for name in _PUBLIC_FIELDS}
@@ -86,6 +101,7 @@ async def load_key(db: Database, digest: str) -> policy.KeySnapshot | None:
         cost_center=row.cost_center,
         environment=row.environment,
         valid_until=valid_until,
+        buckets=tuple(buckets),
         public=public,
     )
 

@@ -1,0 +1,109 @@
+"""Every data-plane request passes here: authenticate the virtual key and apply its whole policy.
+
+Checks run in this order, each with its own error: brake, missing credential, unknown key,
+disabled, expired, IP allowlist, route scope, signature, rate limit. A cache hit costs no
+database round trip; all state here is in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from keyplane.domain import policy, signing
+from keyplane.domain.errors import (
+    KeyplaneError,
+    auth_error,
+    insufficient_scope,
+    invalid_api_key,
+    missing_bearer,
+)
+from keyplane.domain.gcra import Verdict
+from keyplane.gateway.asgi import Scope, bearer, header
+from keyplane.gateway.client_ip import ClientAddress
+from keyplane.runtime.limits import FailureBrake, MemoryRateLimiter, ReplayWindow
+from keyplane.services.container import Keyplane
+
+
+class Refused(Exception):
+    def __init__(self, error: KeyplaneError, key: policy.KeySnapshot | None = None,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(error.code)
+        self.error = error
+        self.key = key
+        self.headers = headers or []
+
+
+@dataclass(slots=True)
+class Admission:
+    key: policy.KeySnapshot
+    client_ip: str
+    headers: list[tuple[bytes, bytes]]
+
+
+def rate_limited(verdict: Verdict) -> KeyplaneError:
+    seconds = max(1, int(verdict.retry_after + 0.999))
+    return KeyplaneError(
+        429, "rate_limited",
+        f"Rate limit of {verdict.limit} requests per minute exceeded; retry in {seconds} s",
+        extra={"limit": "requests_per_minute", "retry_after": seconds},
+    )
+
+
+def refusal_for(code: str, key: policy.KeySnapshot | None, ip: str, missing: str | None) -> KeyplaneError:
+    if code == policy.NOT_FOUND:
+        return invalid_api_key()
+    if code == policy.DISABLED:
+        return auth_error("key_disabled", "This API key is disabled")
+    if code == policy.EXPIRED:
+        return auth_error("key_expired", "This API key has expired")
+    if code == policy.IP_NOT_ALLOWED:
+        return KeyplaneError(403, "ip_not_allowed", f"Requests from {ip or 'an unknown address'} are not allowed "
+                                                    "for this key")
+    return insufficient_scope(missing or "")
+
+
+class Enforcer:
+    def __init__(self, kp: Keyplane) -> None:
+        settings = kp.settings
+        self.kp = kp
+        self.addresses = ClientAddress(settings.trusted_proxies)
+        self.limiter = MemoryRateLimiter()
+        self.brake = FailureBrake(settings.brake_max_failures, settings.brake_block_seconds)
+        self.replays = ReplayWindow(ttl=2 * signing.MAX_SKEW_SECONDS + 5)
+
+    async def admit(self, scope: Scope, required_scope: str, body: bytes) -> Admission:
+        now = time.time()
+        ip = self.addresses.of(scope)
+        blocked = self.brake.blocked_for(ip, now)
+        if blocked:
+            seconds = max(1, int(blocked + 0.999))
+            raise Refused(
+                KeyplaneError(429, "rate_limited", "Too many failed authentications from this address; retry later",
+                              extra={"limit": "failed_authentications", "retry_after": seconds}),
+                headers=[(b"retry-after", str(seconds).encode())],
+            )
+        token = bearer(scope)
+        if token is None:
+            raise Refused(missing_bearer())
+        key = await self.kp.lookup_key(token)
+        code, missing = policy.check(key, now, scopes=(required_scope,), ip=ip)
+        if code != policy.VALID:
+            if code == policy.NOT_FOUND:
+                self.brake.fail(ip, now)
+            raise Refused(refusal_for(code, key, ip, missing), key)
+        assert key is not None
+        signature = header(scope, b"x-mcp-signature")
+        if key.require_signature or signature is not None:
+            problem = signing.check(token, header(scope, b"x-mcp-timestamp"), signature, body, now)
+            if problem is None and not self.replays.first_use(f"{key.id}:{signature}", now):
+                problem = "This signature was already used: sign every request afresh"
+            if problem is not None:
+                self.brake.fail(ip, now)
+                raise Refused(auth_error("invalid_signature", problem), key)
+        verdict = await self.limiter.acquire(key.buckets, now)
+        headers = verdict.headers() if verdict is not None else []
+        if verdict is not None and not verdict.allowed:
+            raise Refused(rate_limited(verdict), key, headers)
+        self.kp.record_use(key)
+        return Admission(key, ip, headers)
