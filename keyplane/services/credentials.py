@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Select, or_, select
+from sqlalchemy.orm import Session
 
 from keyplane.domain import policy
-from keyplane.domain.policy import Limits
 from keyplane.services.keys import MAX_SUBKEY_DEPTH, key_to_dict
 from keyplane.services.limit_profiles import limits_of
 from keyplane.services.principal import Principal
@@ -21,63 +21,65 @@ _PUBLIC_FIELDS = (
 )
 
 
-async def _profile(s: AsyncSession, profile_id: str | None) -> Limits:
-    if profile_id is None:
-        return Limits()
-    p = (await s.execute(select(LimitProfile).where(LimitProfile.id == profile_id))).scalar_one_or_none()
-    return limits_of(p)
-
-
 def _ts(dt: datetime | None) -> float | None:
     return dt.timestamp() if dt is not None else None
 
 
+def _with_profile(*where: Any) -> Select[tuple[VirtualKey, LimitProfile | None]]:
+    """A key and its limit profile in one round trip."""
+    return (
+        select(VirtualKey, LimitProfile)
+        .outerjoin(LimitProfile, VirtualKey.limit_profile_id == LimitProfile.id)
+        .where(*where)
+    )
+
+
 async def load_key(db: Database, digest: str) -> policy.KeySnapshot | None:
-    """The key whose current (or in-grace previous) secret hashes to ``digest``, folded with its ancestors."""
-    async with db.read() as s:
-        row = (
-            await s.execute(
-                select(VirtualKey).where(
-                    or_(VirtualKey.key_hash == digest, VirtualKey.previous_key_hash == digest),
-                    VirtualKey.status != "deleted",
-                )
-            )
-        ).scalar_one_or_none()
-        if row is None:
+    return await db.run_read(lambda s: _load_key(s, digest))
+
+
+def _load_key(s: Session, digest: str) -> policy.KeySnapshot | None:
+    """The key whose current (or in-grace previous) secret hashes to ``digest``, folded with its ancestors.
+
+    One query for the key and its profile, one more per ancestor (sub-keys only).
+    """
+    found = s.execute(
+        _with_profile(
+            or_(VirtualKey.key_hash == digest, VirtualKey.previous_key_hash == digest),
+            VirtualKey.status != "deleted",
+        )
+    ).first()
+    if found is None:
+        return None
+    row, profile = found
+    valid_until = None
+    if row.key_hash != digest:
+        valid_until = _ts(row.previous_valid_until)
+        if valid_until is None or valid_until <= datetime.now(UTC).timestamp():
             return None
-        valid_until = None
-        if row.key_hash != digest:
-            valid_until = _ts(row.previous_valid_until)
-            if valid_until is None or valid_until <= datetime.now(UTC).timestamp():
-                return None
-        status = row.status
-        expires = _ts(row.expires_at)
-        scopes = frozenset(row.scopes)
-        ancestors: list[str] = []
-        buckets: list[tuple[str, int]] = []
-        parent_id = row.parent_id
-        while parent_id is not None and len(ancestors) < MAX_SUBKEY_DEPTH:
-            parent = (await s.execute(select(VirtualKey).where(VirtualKey.id == parent_id))).scalar_one_or_none()
-            ancestors.append(parent_id)
-            if parent is None or parent.status != "enabled":
-                status = "disabled"
-                break
-            parent_expiry = _ts(parent.expires_at)
-            if parent_expiry is not None and (expires is None or parent_expiry < expires):
-                expires = parent_expiry
-            scopes &= frozenset(parent.scopes)  # a narrowed parent narrows its sub-keys too
-            parent_rpm = (await _profile(s, parent.limit_profile_id)).requests_per_minute
-            if parent_rpm:
-                buckets.append((parent.id, parent_rpm))
-            parent_id = parent.parent_id
-        profile = None
-        if row.limit_profile_id:
-            profile = (
-                await s.execute(select(LimitProfile).where(LimitProfile.id == row.limit_profile_id))
-            ).scalar_one_or_none()
-        if profile is not None and profile.requests_per_minute:
-            buckets.insert(0, (row.id, profile.requests_per_minute))
-        full = key_to_dict(row, profile.name if profile else None)
+    status = row.status
+    expires = _ts(row.expires_at)
+    scopes = frozenset(row.scopes)
+    ancestors: list[str] = []
+    buckets: list[tuple[str, int]] = []
+    if profile is not None and profile.requests_per_minute:
+        buckets.append((row.id, profile.requests_per_minute))
+    parent_id = row.parent_id
+    while parent_id is not None and len(ancestors) < MAX_SUBKEY_DEPTH:
+        ancestors.append(parent_id)
+        up = s.execute(_with_profile(VirtualKey.id == parent_id)).first()
+        if up is None or up[0].status != "enabled":
+            status = "disabled"
+            break
+        parent, parent_profile = up
+        parent_expiry = _ts(parent.expires_at)
+        if parent_expiry is not None and (expires is None or parent_expiry < expires):
+            expires = parent_expiry
+        scopes &= frozenset(parent.scopes)  # a narrowed parent narrows its sub-keys too
+        if parent_profile is not None and parent_profile.requests_per_minute:
+            buckets.append((parent.id, parent_profile.requests_per_minute))
+        parent_id = parent.parent_id
+    full = key_to_dict(row, profile.name if profile else None)
     # What the verify API answers with: the effective policy, nothing that changes per request.
     public = {name: full[name] for name in _PUBLIC_FIELDS}
     public.update(
@@ -107,12 +109,12 @@ async def load_key(db: Database, digest: str) -> policy.KeySnapshot | None:
 
 
 async def load_service_account(db: Database, digest: str) -> Principal | None:
-    async with db.read() as s:
-        sa = (
-            await s.execute(
-                select(ServiceAccount).where(ServiceAccount.token_hash == digest, ServiceAccount.revoked_at.is_(None))
-            )
-        ).scalar_one_or_none()
+    return await db.run_read(lambda s: _load_service_account(s, digest))
+
+
+def _load_service_account(s: Session, digest: str) -> Principal | None:
+    query = select(ServiceAccount).where(ServiceAccount.token_hash == digest, ServiceAccount.revoked_at.is_(None))
+    sa = s.execute(query).scalar_one_or_none()
     if sa is None:
         return None
     return Principal(org_id=sa.org_id, id=sa.id, name=sa.name, scopes=frozenset(sa.scopes))
