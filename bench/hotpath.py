@@ -50,7 +50,7 @@ def server_command(server: str, target: str, port: int) -> list[str]:
         return [str(BIN / "uvicorn"), target, "--port", str(port), "--no-access-log", "--log-level", "warning",
                 "--loop", "uvloop", "--http", "httptools"]
     return [str(BIN / "granian"), "--interface", "asgi", target, "--port", str(port), "--no-access-log",
-            "--log-level", "warning", "--loop", "uvloop"]
+            "--log-level", "warning", "--loop", os.environ.get("BENCH_GRANIAN_LOOP", "uvloop")]
 
 
 def free_port() -> int:

@@ -47,7 +47,7 @@ class DataPlane:
         required_scope, handler = route
         try:
             try:
-                body = await read_body(receive, self.max_body)
+                body = await read_body(receive, self.max_body, scope)
             except BodyTooLarge:
                 raise Refused(KeyplaneError(413, "payload_too_large",
                                             f"Request bodies are limited to {self.max_body} bytes")) from None

@@ -52,7 +52,7 @@ class VerifyEndpoint:
             caller = await self.kp.authenticate_service_account(bearer(scope))
             caller.require(_REQUIRED_SCOPE)
             try:
-                raw = await read_body(receive, self.max_body)
+                raw = await read_body(receive, self.max_body, scope)
             except BodyTooLarge:
                 raise KeyplaneError(413, "payload_too_large", f"Bodies are limited to {self.max_body} bytes") from None
             try:
