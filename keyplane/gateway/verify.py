@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 from pydantic import ValidationError
 
 from keyplane.domain import policy
@@ -81,7 +82,7 @@ class VerifyEndpoint:
         payload: dict[str, object] = {
             "valid": code == policy.VALID,
             "code": code,
-            "key": key.public if key is not None else None,
+            "key": orjson.Fragment(key.public_json) if key is not None else None,
         }
         if missing_scope:
             payload["missing_scope"] = missing_scope
