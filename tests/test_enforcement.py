@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -242,19 +242,22 @@ async def test_brute_force_brake(make_client: Any) -> None:
 
 
 async def test_metrics_and_one_log_line_per_request(
-    caplog: pytest.LogCaptureFixture, client: httpx.AsyncClient, admin: dict[str, str]
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]
 ) -> None:
     key, secret = await create_key(client, admin)
-    caplog.set_level(logging.INFO, logger="keyplane.access")
+    written: list[bytes] = []
+    app.kp.access_log.sink = written.append
     await client.get(MODELS, headers=key_headers(secret))
     await client.get(MODELS, headers=key_headers(secret))
     await client.get(MODELS, headers=key_headers(tokens.generate(tokens.VIRTUAL_KEY_PREFIX)))
-    lines = [r for r in caplog.records if r.name == "keyplane.access"]
+    app.kp.access_log.flush()
+    lines = [json.loads(line) for line in b"".join(written).splitlines()]
     assert len(lines) == 3
-    fields = [r.fields for r in lines]  # type: ignore[attr-defined]
-    assert fields[0]["key_id"] == key["id"] and fields[0]["status"] == 200 and fields[0]["route"] == MODELS
-    assert fields[2]["code"] == "invalid_api_key" and fields[2]["key_id"] is None
-    assert all(secret not in str(f) for f in fields)
+    assert lines[0]["key_id"] == key["id"] and lines[0]["status"] == 200 and lines[0]["route"] == MODELS
+    assert lines[0]["logger"] == "keyplane.access" and lines[0]["time"].endswith("Z")
+    assert lines[0]["client_ip"] == "127.0.0.1" and lines[0]["ms"] >= 0
+    assert lines[2]["code"] == "invalid_api_key" and lines[2]["key_id"] is None
+    assert secret.encode() not in b"".join(written)
 
     text = (await client.get("/metrics")).text
     assert 'keyplane_requests_total{code="ok",route="/v1/models",status="200"} 2.0' in text
@@ -262,6 +265,18 @@ async def test_metrics_and_one_log_line_per_request(
     assert "keyplane_auth_seconds_bucket" in text
     assert 'keyplane_key_cache_hits_total{cache="virtual_keys"}' in text
     assert 'keyplane_key_cache_misses_total{cache="virtual_keys"}' in text
+
+
+async def test_access_log_is_bounded_and_says_what_it_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    from keyplane.runtime.access_log import AccessLog
+
+    written: list[bytes] = []
+    log = AccessLog(sink=written.append, max_pending=3)
+    for i in range(5):
+        log.record({"n": i})
+    log.flush()
+    assert [json.loads(x)["n"] for x in b"".join(written).splitlines()] == [0, 1, 2]
+    assert "2 lines dropped" in caplog.text
 
 
 async def test_verify_api_shares_the_rate_limit(client: httpx.AsyncClient, admin: dict[str, str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,17 +35,24 @@ def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
-def ip_allowed(networks: tuple[IPNetwork, ...], ip: str | None) -> bool:
-    if not networks:
-        return True
-    if not ip:
-        return False
+@functools.lru_cache(maxsize=8192)
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Parsed once per distinct client address (parsing is most of an allowlist check's cost)."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
-        return False
+        return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+        return addr.ipv4_mapped
+    return addr
+
+
+def ip_allowed(networks: tuple[IPNetwork, ...], ip: str | None) -> bool:
+    if not networks:
+        return True
+    addr = _address(ip) if ip else None
+    if addr is None:
+        return False
     return any(addr in net for net in networks)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -12,8 +11,6 @@ from keyplane.gateway.asgi import BodyTooLarge, Receive, Scope, Send, read_body,
 from keyplane.gateway.enforce import Admission, Enforcer, Refused
 from keyplane.gateway.metrics import Metrics
 from keyplane.services.container import Keyplane
-
-access_log = logging.getLogger("keyplane.access")
 
 Handler = Callable[[Admission, bytes, Send], Awaitable[int]]
 
@@ -71,11 +68,8 @@ class DataPlane:
     def _finish(self, route: str, status: int, code: str, key_id: str | None, ip: str, started: float) -> None:
         self.metrics.count(route, status, code)
         if self.log_requests:
-            access_log.info(
-                "request",
-                extra={"fields": {"route": route, "status": status, "code": code, "key_id": key_id,
-                                  "client_ip": ip, "ms": round((time.perf_counter() - started) * 1000, 3)}},
-            )
+            self.kp.access_log.record({"route": route, "status": status, "code": code, "key_id": key_id,
+                                       "client_ip": ip, "ms": round((time.perf_counter() - started) * 1000, 3)})
 
     async def list_models(self, admission: Admission, _body: bytes, send: Send) -> int:
         """The models this key may use, from keyplane's own configuration (no upstream call)."""

