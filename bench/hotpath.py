@@ -187,6 +187,21 @@ async def memory_per_key(home: Path, many: list[str], n: int) -> float:
     return (after - before) / n
 
 
+async def uncontended_miss_latency(home: Path, many: list[str], n: int = 2000) -> dict[str, float]:
+    """One lookup at a time, each a key not yet cached: the store round trip itself."""
+    kp = Keyplane(Settings(home=home))
+    for t in many[-100:]:
+        await kp.lookup_key(t)
+    times = []
+    for t in many[:n]:
+        start = time.perf_counter()
+        assert await kp.lookup_key(t) is not None
+        times.append((time.perf_counter() - start) * 1000)
+    await kp.db.dispose()
+    times.sort()
+    return {"p50_ms": round(times[len(times) // 2], 3), "p99_ms": round(times[int(len(times) * 0.99)], 3)}
+
+
 def measure_server(server: str, seconds: int, rounds: int, work: Path, info: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "KEYPLANE_HOME": str(work / "home"), "BENCH_TOKENS": json.dumps([info["key"]])}
     base_port, kp_port = free_port(), free_port()
@@ -265,6 +280,7 @@ def main() -> None:
             server = "uvicorn" if "uvicorn" in report["servers"] else next(iter(report["servers"]))
             report["cache_miss"] = {"server": server, "keys_in_store": args.keys + 1,
                                     **measure_misses(server, args.seconds, work, info["many"])}
+            report["uncontended_miss"] = asyncio.run(uncontended_miss_latency(work / "home", info["many"]))
             report["memory_per_cached_key_bytes"] = round(asyncio.run(
                 memory_per_key(work / "home", info["many"], min(20_000, args.keys - 200))))
     print_report(report)
@@ -286,6 +302,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"\ncache misses ({m['server']}, {m['keys_in_store']} keys in store, every request a new key): "
               f"{m['rps']:.0f} req/s, p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms, "
               f"{m['cache_misses']:.0f} misses")
+        u = report["uncontended_miss"]
+        print(f"one miss at a time (in process, SQLite): p50 {u['p50_ms']:.2f} ms, p99 {u['p99_ms']:.2f} ms")
         print(f"memory per cached key: {report['memory_per_cached_key_bytes']} bytes")
 
 
