@@ -117,6 +117,23 @@ async def create_sa(
     return resp.json()["service_account"], resp.json()["token"]
 
 
+def count_store_loads(app: KeyplaneApp, delay: float = 0.0) -> list[str]:
+    """Record every key lookup that reaches the store (a cache miss), optionally slowed down."""
+    import asyncio
+
+    loads: list[str] = []
+    real = app.kp._load_key
+
+    async def counting(digest: str):  # type: ignore[no-untyped-def]
+        loads.append(digest)
+        if delay:
+            await asyncio.sleep(delay)
+        return await real(digest)
+
+    app.kp._load_key = counting  # type: ignore[method-assign]
+    return loads
+
+
 @pytest.fixture
 async def store_env(backend: str, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
     """Environment for real keyplane processes sharing one store (SQLite home or a PostgreSQL schema)."""

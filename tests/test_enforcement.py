@@ -13,7 +13,7 @@ import pytest
 
 from keyplane.app import KeyplaneApp
 from keyplane.domain import signing, tokens
-from tests.conftest import assert_error, create_key
+from tests.conftest import assert_error, count_store_loads, create_key
 
 MODELS = "/v1/models"
 
@@ -216,14 +216,7 @@ async def test_brute_force_brake(make_client: Any) -> None:
     assert app.bootstrap is not None and app.bootstrap.admin_token
     admin = key_headers(app.bootstrap.admin_token)
     _, secret = await create_key(attacker, admin)
-    loads: list[str] = []
-    real = app.kp._load_key
-
-    async def counting(digest: str):  # type: ignore[no-untyped-def]
-        loads.append(digest)
-        return await real(digest)
-
-    app.kp._load_key = counting  # type: ignore[method-assign]
+    loads = count_store_loads(app)
     for _ in range(5):
         guess = tokens.generate(tokens.VIRTUAL_KEY_PREFIX)
         assert_error(await attacker.get(MODELS, headers=key_headers(guess)), 401, "invalid_api_key")

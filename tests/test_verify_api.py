@@ -8,7 +8,7 @@ import httpx
 
 from keyplane.app import KeyplaneApp
 from keyplane.domain import tokens
-from tests.conftest import assert_error, bearer, create_key, create_sa, verify
+from tests.conftest import assert_error, bearer, count_store_loads, create_key, create_sa, verify
 
 
 async def test_each_code(client: httpx.AsyncClient, admin: dict[str, str]) -> None:
@@ -72,14 +72,7 @@ async def test_hits_come_from_the_cache_and_malformed_keys_never_reach_the_store
     app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]
 ) -> None:
     _, secret = await create_key(client, admin)
-    loads: list[str] = []
-    real = app.kp._load_key
-
-    async def counting(digest: str):  # type: ignore[no-untyped-def]
-        loads.append(digest)
-        return await real(digest)
-
-    app.kp._load_key = counting  # type: ignore[method-assign]
+    loads = count_store_loads(app)
     for _ in range(20):
         assert (await verify(client, admin, secret))["valid"]
     assert len(loads) == 1  # one miss, then the cache
@@ -99,15 +92,7 @@ async def test_concurrent_misses_load_once(
 ) -> None:
     _, secret = await create_key(client, admin)
     app.kp.key_cache.clear()
-    loads: list[str] = []
-    real = app.kp._load_key
-
-    async def slow(digest: str):  # type: ignore[no-untyped-def]
-        loads.append(digest)
-        await asyncio.sleep(0.05)
-        return await real(digest)
-
-    app.kp._load_key = slow  # type: ignore[method-assign]
+    loads = count_store_loads(app, delay=0.05)
     results = await asyncio.gather(*(verify(client, admin, secret) for _ in range(30)))
     assert all(r["valid"] for r in results) and len(loads) == 1
 
