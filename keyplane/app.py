@@ -12,6 +12,7 @@ from keyplane.gateway.asgi import Receive, Scope, Send, send_error
 from keyplane.gateway.dataplane import DataPlane
 from keyplane.gateway.enforce import Enforcer
 from keyplane.gateway.metrics import CONTENT_TYPE, Metrics
+from keyplane.gateway.proxy import Upstream
 from keyplane.gateway.verify import VERIFY_PATH, VerifyEndpoint
 from keyplane.services.container import Bootstrap, Keyplane
 
@@ -27,7 +28,8 @@ class KeyplaneApp:
         self.api = build_api(self.kp)
         self.metrics = Metrics(self.kp)
         self.enforcer = Enforcer(self.kp)
-        self.dataplane = DataPlane(self.kp, self.enforcer, self.metrics)
+        self.upstream = Upstream(self.kp)
+        self.dataplane = DataPlane(self.kp, self.enforcer, self.metrics, self.upstream)
         self.hot_routes = {
             VERIFY_PATH: VerifyEndpoint(self.kp, self.enforcer, self.metrics),
             "/metrics": self.serve_metrics,
@@ -67,6 +69,7 @@ class KeyplaneApp:
         return self.bootstrap
 
     async def shutdown(self) -> None:
+        await self.upstream.close()
         await self.kp.stop()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

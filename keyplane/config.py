@@ -19,6 +19,11 @@ class Settings(BaseSettings):
         default=None, description="PostgreSQL schema to use (search_path); default the server's."
     )
     redis_url: str | None = None
+    master_key: str | None = Field(
+        default=None, description="base64 of 32 bytes; default a 0600 file under home (required on PostgreSQL)."
+    )
+    demo: bool = Field(default=False, description="Register the built-in local echo provider.")
+    upstream_max_connections: int = 200
     admin_token: str | None = Field(default=None, description="Admin token to use on first start.")
     host: str = "127.0.0.1"
     port: int = 8080

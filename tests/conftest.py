@@ -17,6 +17,8 @@ from keyplane.app import KeyplaneApp
 from keyplane.config import Settings
 
 POSTGRES_URL = os.environ.get("KEYPLANE_TEST_POSTGRES_URL")
+# PostgreSQL deployments must share one master key (no per-machine key file); tests use a fixed one.
+TEST_MASTER_KEY = "a2V5cGxhbmUtdGVzdC1tYXN0ZXIta2V5LTMyLWJ5dGU="
 BACKENDS = ["sqlite"] + (["postgresql"] if POSTGRES_URL else [])
 if os.environ.get("CI") and not POSTGRES_URL:
     raise RuntimeError("CI must set KEYPLANE_TEST_POSTGRES_URL so the suite runs against PostgreSQL too")
@@ -43,7 +45,7 @@ async def settings_factory(backend: str, tmp_path: Path) -> AsyncIterator[Any]:
     def make(**overrides: Any) -> Settings:
         base: dict[str, Any] = {"home": tmp_path / "home", "change_poll_seconds": 0.2, "last_used_flush_seconds": 0.2}
         if backend == "postgresql":
-            base.update(database_url=POSTGRES_URL, database_schema=schema)
+            base.update(database_url=POSTGRES_URL, database_schema=schema, master_key=TEST_MASTER_KEY)
         base.update(overrides)
         return Settings(**base)
 
@@ -141,7 +143,8 @@ async def store_env(backend: str, tmp_path: Path) -> AsyncIterator[dict[str, str
     schema = f"kp_test_{secrets.token_hex(6)}"
     if backend == "postgresql":
         assert POSTGRES_URL
-        env.update(KEYPLANE_DATABASE_URL=POSTGRES_URL, KEYPLANE_DATABASE_SCHEMA=schema)
+        env.update(KEYPLANE_DATABASE_URL=POSTGRES_URL, KEYPLANE_DATABASE_SCHEMA=schema,
+                   KEYPLANE_MASTER_KEY=TEST_MASTER_KEY)
     yield env
     if backend == "postgresql":
         await drop_schema(schema)

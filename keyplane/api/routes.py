@@ -14,6 +14,8 @@ from keyplane.services.schemas import (
     KeyUpdate,
     LimitProfileCreate,
     LimitProfileUpdate,
+    ProviderCreate,
+    ProviderUpdate,
     ServiceAccountCreate,
 )
 
@@ -160,6 +162,64 @@ async def list_audit(
 @router.get("/audit/verify", tags=["audit"])
 async def verify_audit(request: Request, who: Who) -> dict[str, Any]:
     return (await keyplane_of(request).audit.verify(who)).as_dict()
+
+
+# -- providers -----------------------------------------------------------------------------------
+
+@router.get("/providers", tags=["providers"])
+async def list_providers(request: Request, who: Who) -> dict[str, Any]:
+    return {"data": await keyplane_of(request).providers.list(who)}
+
+
+@router.post("/providers", status_code=201, tags=["providers"])
+async def create_provider(request: Request, who: Who, body: ProviderCreate) -> dict[str, Any]:
+    return {"provider": await keyplane_of(request).providers.create(who, body)}
+
+
+@router.get("/providers/{name}", tags=["providers"])
+async def get_provider(request: Request, who: Who, name: str) -> dict[str, Any]:
+    return {"provider": await keyplane_of(request).providers.get(who, name)}
+
+
+@router.patch("/providers/{name}", tags=["providers"])
+async def update_provider(request: Request, who: Who, name: str, body: ProviderUpdate) -> dict[str, Any]:
+    return {"provider": await keyplane_of(request).providers.update(who, name, body)}
+
+
+@router.delete("/providers/{name}", tags=["providers"])
+async def delete_provider(request: Request, who: Who, name: str) -> dict[str, Any]:
+    await keyplane_of(request).providers.delete(who, name)
+    return {"name": name, "deleted": True}
+
+
+# -- usage ---------------------------------------------------------------------------------------
+
+@router.get("/usage/summary", tags=["usage"])
+async def usage_summary(
+    request: Request,
+    who: Who,
+    since: Annotated[str, Query(max_length=40, description="24h, 7d, 30m or RFC 3339")] = "24h",
+    group_by: Annotated[str, Query(pattern="^(provider|model|cost_center|environment|key|endpoint|hour|day)$")]
+    = "model",
+    key_id: Annotated[str | None, Query(max_length=40)] = None,
+) -> dict[str, Any]:
+    return await keyplane_of(request).usage.summary(who, since=since, group_by=group_by, key_id=key_id)
+
+
+@router.get("/usage/events", tags=["usage"])
+async def usage_events(
+    request: Request,
+    who: Who,
+    since: Annotated[str | None, Query(max_length=40)] = None,
+    key_id: Annotated[str | None, Query(max_length=40)] = None,
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    provider: Annotated[str | None, Query(max_length=64)] = None,
+    status: Annotated[int | None, Query(ge=100, le=599)] = None,
+    cursor: Cursor = None,
+    limit: Limit = 50,
+) -> dict[str, Any]:
+    return await keyplane_of(request).usage.events(who, since=since, key_id=key_id, model=model, provider=provider,
+                                                  status=status, cursor=cursor, limit=limit)
 
 
 @router.get("/whoami", tags=["service accounts"])

@@ -3,45 +3,47 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from keyplane.domain.errors import KeyplaneError, not_found
+from keyplane.domain.policy import KeySnapshot
 from keyplane.domain.scopes import DATA_PLANE_ROUTES
-from keyplane.gateway.asgi import BodyTooLarge, Receive, Scope, Send, read_body, send_error, send_json
-from keyplane.gateway.enforce import Admission, Enforcer, Refused
+from keyplane.gateway.asgi import BodyTooLarge, Receive, Scope, Send, read_body, send_error
+from keyplane.gateway.enforce import Enforcer, Refused
 from keyplane.gateway.metrics import Metrics
+from keyplane.gateway.proxy import Outcome, Upstream, send_models
 from keyplane.services.container import Keyplane
 
-Handler = Callable[[Admission, bytes, Send], Awaitable[int]]
+MODELS_PATH = "/v1/models"
 
 
 class DataPlane:
-    def __init__(self, kp: Keyplane, enforcer: Enforcer, metrics: Metrics) -> None:
+    def __init__(self, kp: Keyplane, enforcer: Enforcer, metrics: Metrics, upstream: Upstream) -> None:
         self.kp = kp
         self.enforcer = enforcer
         self.metrics = metrics
+        self.upstream = upstream
         self.max_body = kp.settings.max_body_bytes
         self.log_requests = kp.settings.access_log
-        handlers: dict[str, Handler] = {"/v1/models": self.list_models}
-        # Routes whose handler arrives with the gateway (providers); their scope is already in the table.
-        self.routes = {
-            key: (scope, handlers.get(key[1])) for key, scope in DATA_PLANE_ROUTES.items()
-        }
+        self.routes = dict(DATA_PLANE_ROUTES)
         self.paths = {path for _method, path in DATA_PLANE_ROUTES}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         path = scope["path"]
-        route = self.routes.get((scope["method"], path))
-        if route is None:
+        required_scope = self.routes.get((scope["method"], path))
+        outcome = Outcome()
+        key: KeySnapshot | None = None
+        ip = ""
+        if required_scope is None:
             if path in self.paths:
                 error = KeyplaneError(405, "method_not_allowed", f"{scope['method']} is not allowed on {path}")
             else:
                 error = not_found("route", path)
             await send_error(send, error)
-            self._finish(path, error.status, error.code, None, "", started)
+            outcome.status, outcome.code = error.status, error.code
+            self._finish(path, outcome, None, ip, started)
             return
-        required_scope, handler = route
         try:
             try:
                 body = await read_body(receive, self.max_body, scope)
@@ -52,28 +54,34 @@ class DataPlane:
         except Refused as refused:
             self.metrics.auth_seconds.observe(time.perf_counter() - started)
             await send_error(send, refused.error, refused.headers)
-            ip = self.enforcer.addresses.of(scope)
-            self._finish(path, refused.error.status, refused.error.code,
-                         refused.key.id if refused.key else None, ip, started)
+            outcome.status, outcome.code = refused.error.status, refused.error.code
+            self._finish(path, outcome, refused.key, self.enforcer.addresses.of(scope), started)
             return
         self.metrics.auth_seconds.observe(time.perf_counter() - started)
-        if handler is None:
-            error = KeyplaneError(404, "not_found", f"No provider is configured to serve {path} yet")
+        key, ip = admission.key, admission.client_ip
+        try:
+            if path == MODELS_PATH:
+                await send_models(self.kp, admission, send)
+                outcome.status = 200
+            else:
+                await self.upstream.forward(admission, path, body, receive, send, outcome)
+        except KeyplaneError as error:
             await send_error(send, error, admission.headers)
-            self._finish(path, 404, error.code, admission.key.id, admission.client_ip, started)
-            return
-        status = await handler(admission, body, send)
-        self._finish(path, status, "ok", admission.key.id, admission.client_ip, started)
+            outcome.status, outcome.code = error.status, error.code
+        self._finish(path, outcome, key, ip, started)
 
-    def _finish(self, route: str, status: int, code: str, key_id: str | None, ip: str, started: float) -> None:
-        self.metrics.count(route, status, code)
+    def _finish(self, route: str, outcome: Outcome, key: KeySnapshot | None, ip: str, started: float) -> None:
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.metrics.count(route, outcome.status, outcome.code)
+        key_id = key.id if key else None
+        self.kp.usage_buffer.add({
+            "org_id": key.org_id if key else None, "key_id": key_id, "parent_id": key.parent_id if key else None,
+            "provider": outcome.provider, "model": outcome.model, "endpoint": route, "status": outcome.status,
+            "code": outcome.code, "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
+            "cost_usd": outcome.cost_usd, "latency_ms": latency_ms, "client_ip": ip or None,
+            "cost_center": key.cost_center if key else None, "environment": key.environment if key else None,
+            "time": datetime.now(UTC),
+        })
         if self.log_requests:
-            self.kp.access_log.record({"route": route, "status": status, "code": code, "key_id": key_id,
-                                       "client_ip": ip, "ms": round((time.perf_counter() - started) * 1000, 3)})
-
-    async def list_models(self, admission: Admission, _body: bytes, send: Send) -> int:
-        """The models this key may use, from keyplane's own configuration (no upstream call)."""
-        allowed = admission.key.allowed_models
-        models = [m for m in self.kp.configured_models() if not allowed or m["id"] in allowed]
-        await send_json(send, 200, {"object": "list", "data": models}, admission.headers)
-        return 200
+            self.kp.access_log.record({"route": route, "status": outcome.status, "code": outcome.code,
+                                       "key_id": key_id, "model": outcome.model, "client_ip": ip, "ms": latency_ms})

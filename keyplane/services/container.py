@@ -14,8 +14,10 @@ from keyplane.config import Settings
 from keyplane.domain import tokens
 from keyplane.domain.errors import KeyplaneError, invalid_api_key, missing_bearer
 from keyplane.domain.policy import KeySnapshot
+from keyplane.domain.secrets_box import SecretBox
 from keyplane.runtime.access_log import AccessLog
 from keyplane.runtime.cache import ABSENT, CredentialCache
+from keyplane.runtime.usage_buffer import UsageBuffer
 from keyplane.runtime.usage_tracker import LastUsedTracker
 from keyplane.services import credentials
 from keyplane.services.audit import AuditService
@@ -23,8 +25,10 @@ from keyplane.services.keys import KeyService
 from keyplane.services.limit_profiles import LimitProfileService
 from keyplane.services.organizations import DEFAULT_ORG, OrganizationService
 from keyplane.services.principal import Principal
+from keyplane.services.providers import ProviderService, Route
 from keyplane.services.service_accounts import ServiceAccountService
-from keyplane.store import migrate
+from keyplane.services.usage import UsageService
+from keyplane.store import master_key, migrate
 from keyplane.store.db import Database
 from keyplane.store.models import Organization
 
@@ -44,9 +48,15 @@ class Bootstrap:
 class CacheInvalidator:
     """Drops cached credentials in this process when the service layer changes them."""
 
-    def __init__(self, keys: CredentialCache[KeySnapshot], accounts: CredentialCache[Principal]) -> None:
+    def __init__(
+        self,
+        keys: CredentialCache[KeySnapshot],
+        accounts: CredentialCache[Principal],
+        routes: dict[str, dict[str, Route]],
+    ) -> None:
         self.keys = keys
         self.accounts = accounts
+        self.routes = routes
 
     def key(self, key_id: str) -> None:
         self.keys.invalidate(key_id)
@@ -61,6 +71,7 @@ class CacheInvalidator:
     def all(self) -> None:
         self.keys.clear()
         self.accounts.clear()
+        self.routes.clear()
 
 
 class Keyplane:
@@ -78,7 +89,9 @@ class Keyplane:
         self.sa_cache: CredentialCache[Principal] = CredentialCache(
             10_000, settings.key_cache_ttl_seconds, 10_000, settings.negative_cache_ttl_seconds
         )
-        self.invalidator = CacheInvalidator(self.key_cache, self.sa_cache)
+        # org id -> model name -> where to forward (provider secrets opened, in memory only)
+        self.routes: dict[str, dict[str, Route]] = {}
+        self.invalidator = CacheInvalidator(self.key_cache, self.sa_cache, self.routes)
         self.tracker = LastUsedTracker()
         self.access_log = AccessLog()
         self.keys = KeyService(
@@ -91,9 +104,11 @@ class Keyplane:
         self.service_accounts = ServiceAccountService(self.db, self.invalidator)
         self.limit_profiles = LimitProfileService(self.db, self.invalidator)
         self.audit = AuditService(self.db)
+        self._box: SecretBox | None = None
+        self.providers = ProviderService(self.db, self.invalidator, self.secret_box)
+        self.usage_buffer = UsageBuffer()
+        self.usage = UsageService(self.db)
         self.organizations = OrganizationService(self.db)
-        # Models the data plane offers, as OpenAI-style model objects; providers fill it (empty without one).
-        self.model_catalog: list[dict[str, object]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._change_mark: int | None = None
 
@@ -116,6 +131,7 @@ class Keyplane:
         return Bootstrap(created=True, org_id=new.org["id"], admin_token=new.admin_token)
 
     async def start(self) -> Bootstrap:
+        self.secret_box()  # fail fast on a missing or unreadable master key
         await self.migrate()
         boot = await self.bootstrap()
         self._change_mark = await self._read_change_mark()
@@ -123,6 +139,7 @@ class Keyplane:
             asyncio.create_task(self._every(self.settings.last_used_flush_seconds, self.flush), name="flush"),
             asyncio.create_task(self._every(self.settings.change_poll_seconds, self.poll_changes), name="poll"),
             asyncio.create_task(self._every(0.25, self._flush_access_log), name="access-log"),
+            asyncio.create_task(self._every(1.0, self.flush_usage), name="usage"),
         ]
         return boot
 
@@ -135,6 +152,7 @@ class Keyplane:
         self._tasks = []
         self.access_log.flush()
         await self.flush()
+        await self.flush_usage()
         await self.db.dispose()
 
     async def _every(self, seconds: float, job: object) -> None:
@@ -201,8 +219,34 @@ class Keyplane:
     async def _load_sa(self, digest: str) -> Principal | None:
         return await credentials.load_service_account(self.db, digest)
 
-    def configured_models(self) -> list[dict[str, object]]:
-        return self.model_catalog
+    def secret_box(self) -> SecretBox:
+        """The master key, loaded on first use: from KEYPLANE_MASTER_KEY, or a 0600 file under home."""
+        if self._box is None:
+            if not self.settings.master_key and not self.settings.is_sqlite:
+                raise RuntimeError("KEYPLANE_MASTER_KEY must be set with PostgreSQL (the same on every machine)")
+            key = master_key.load_or_create(self.settings.master_key, self.settings.home / "master.key")
+            self._box = SecretBox(key)
+        return self._box
+
+    async def routes_for(self, org_id: str) -> dict[str, Route]:
+        """The organization's model -> provider table; loaded once, dropped on any change."""
+        table = self.routes.get(org_id)
+        if table is None:
+            table = await self.providers.routes(org_id)
+            self.routes[org_id] = table
+        return table
+
+    async def flush_usage(self) -> None:
+        batch = self.usage_buffer.take()
+        if not batch:
+            return
+        try:
+            await self.usage.insert(batch)
+        except Exception:
+            log.exception("could not write %d usage events; will retry", len(batch))
+            self.usage_buffer.restore(batch)
+            return
+        self.usage_buffer.written += len(batch)
 
     def record_use(self, key: KeySnapshot) -> None:
         self.tracker.touch(key.id, time.time())

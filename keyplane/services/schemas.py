@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
@@ -76,3 +76,29 @@ class VerifyRequest(Strict):
     key: Annotated[str, StringConstraints(max_length=200)]
     scopes: list[Scope] = Field(default_factory=list, max_length=32)
     ip: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+
+class ModelPrice(Strict):
+    name: ModelName
+    input_per_mtok: float = Field(default=0.0, ge=0, le=1_000_000, description="USD per million input tokens")
+    output_per_mtok: float = Field(default=0.0, ge=0, le=1_000_000, description="USD per million output tokens")
+
+
+BaseUrl = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^https?://[^\s/$.?#][^\s]*$",
+                                           max_length=500)]
+
+
+class ProviderCreate(Strict):
+    name: ProfileName
+    kind: Literal["openai"] = "openai"
+    base_url: BaseUrl = Field(description="e.g. https://api.openai.com/v1 or http://127.0.0.1:11434/v1")
+    api_key: SecretStr | None = Field(default=None, description="write-only; omit for servers without auth")
+    models: list[ModelPrice] = Field(min_length=1, max_length=500)
+    timeout_seconds: float = Field(default=60.0, gt=0, le=600)
+
+
+class ProviderUpdate(Strict):
+    base_url: BaseUrl | None = None
+    api_key: SecretStr | None = Field(default=None, description="a new secret (rotation); write-only")
+    models: list[ModelPrice] | None = Field(default=None, min_length=1, max_length=500)
+    timeout_seconds: float | None = Field(default=None, gt=0, le=600)
