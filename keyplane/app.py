@@ -8,6 +8,7 @@ from collections.abc import Callable
 from keyplane.api.app import build_api
 from keyplane.config import Settings
 from keyplane.domain.errors import KeyplaneError
+from keyplane.gateway import demo
 from keyplane.gateway.asgi import Receive, Scope, Send, send_error
 from keyplane.gateway.dataplane import DataPlane
 from keyplane.gateway.enforce import Enforcer
@@ -43,6 +44,8 @@ class KeyplaneApp:
             handler = self.hot_routes.get(path)
             if handler is None and path.startswith("/v1/"):
                 handler = self.dataplane
+            elif handler is None and self.settings.demo and path.startswith(demo.DEMO_PREFIX):
+                handler = demo.echo_app
             if handler is not None:
                 try:
                     await handler(scope, receive, send)
@@ -64,6 +67,8 @@ class KeyplaneApp:
 
     async def startup(self) -> Bootstrap:
         self.bootstrap = await self.kp.start()
+        if self.settings.demo:
+            await demo.register(self.kp)
         if self.on_ready is not None:
             self.on_ready(self.bootstrap)
         return self.bootstrap

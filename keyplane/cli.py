@@ -28,6 +28,8 @@ from keyplane.services.schemas import (
     KeyUpdate,
     LimitProfileCreate,
     LimitProfileUpdate,
+    ProviderCreate,
+    ProviderUpdate,
     ServiceAccountCreate,
 )
 
@@ -39,12 +41,16 @@ profiles_app = typer.Typer(help="Limit profiles.", no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
 orgs_app = typer.Typer(help="Organizations (tenants).", no_args_is_help=True)
 token_app = typer.Typer(help="Tokens.", no_args_is_help=True)
+providers_app = typer.Typer(help="Upstream providers (OpenAI-compatible).", no_args_is_help=True)
+usage_app = typer.Typer(help="Usage of the data plane.", invoke_without_command=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(sa_app, name="sa")
 app.add_typer(profiles_app, name="limit-profiles")
 app.add_typer(audit_app, name="audit")
 app.add_typer(orgs_app, name="orgs")
 app.add_typer(token_app, name="token")
+app.add_typer(providers_app, name="providers")
+app.add_typer(usage_app, name="usage")
 
 T = TypeVar("T")
 Org = Annotated[str, typer.Option("--org", envvar="KEYPLANE_ORG", help="Organization name.")]
@@ -145,6 +151,8 @@ def _banner(settings: Settings) -> Callable[[Bootstrap], None]:
             f"  verify API:   {url}/api/v1/keys/verify",
             f"  store:        {'SQLite at ' + str(settings.home) if settings.is_sqlite else 'PostgreSQL'}",
         ]
+        if settings.demo:
+            lines.append("  demo:         provider 'demo' serves model echo-1 (a local echo, no account needed)")
         if boot.created and boot.admin_token:
             if settings.admin_token:
                 lines.append("  admin token:  taken from KEYPLANE_ADMIN_TOKEN")
@@ -166,6 +174,8 @@ def _banner(settings: Settings) -> Callable[[Bootstrap], None]:
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (KEYPLANE_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (KEYPLANE_PORT).")] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="Register a built-in local echo provider (model echo-1) "
+                                                     "to try the gateway with no provider account.")] = False,
 ) -> None:
     """Run keyplane: migrations apply on start; first start creates the admin token and prints it once."""
     import uvicorn
@@ -178,6 +188,8 @@ def serve(
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
+    if demo:
+        overrides["demo"] = True
     settings = Settings(**overrides)
     if settings.admin_token and not tokens.is_well_formed(settings.admin_token, tokens.SERVICE_ACCOUNT_PREFIX):
         _fail("invalid_request: KEYPLANE_ADMIN_TOKEN must be a well-formed mcp_sa_ token "
@@ -522,6 +534,168 @@ def audit_verify(org: Org = "default") -> None:
         err=True,
     )
     raise typer.Exit(1)
+
+
+# -- providers -----------------------------------------------------------------------------------
+
+def _models(specs: list[str]) -> list[dict[str, Any]]:
+    """``name`` or ``name=input_per_mtok/output_per_mtok`` (USD per million tokens)."""
+    out = []
+    for spec in specs:
+        name, _, prices = spec.partition("=")
+        entry: dict[str, Any] = {"name": name}
+        if prices:
+            inp, _, outp = prices.partition("/")
+            try:
+                entry["input_per_mtok"] = float(inp)
+                entry["output_per_mtok"] = float(outp or 0)
+            except ValueError:
+                _fail(f"invalid_request: --model takes name or name=input/output prices, not '{spec}'")
+        out.append(entry)
+    return out
+
+
+def _provider_secret(api_key_env: str | None) -> str | None:
+    if api_key_env is None:
+        return None
+    value = os.environ.get(api_key_env)
+    if not value:
+        _fail(f"invalid_request: environment variable {api_key_env} is empty or unset")
+    return value
+
+
+PROVIDER_COLUMNS = ("name", "kind", "base_url", "api_key", "models", "timeout_seconds")
+
+
+def _provider_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**r, "models": [m["name"] for m in r["models"]]} for r in rows]
+
+
+@providers_app.command("add")
+def providers_add(
+    name: str,
+    base_url: Annotated[str, typer.Option(help="e.g. https://api.openai.com/v1")],
+    model: Annotated[list[str], typer.Option("--model", "-m", help="name or name=IN/OUT USD per 1M tokens (repeat)")],
+    api_key_env: Annotated[str | None, typer.Option(help="Read the provider's secret from this env variable "
+                                                         "(never from the command line).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the upstream.")] = 60.0,
+    org: Org = "default",
+) -> None:
+    """Register an OpenAI-compatible upstream; its secret is encrypted at rest and never shown again."""
+    body: dict[str, Any] = {"name": name, "base_url": base_url, "models": _models(model), "timeout_seconds": timeout}
+    secret = _provider_secret(api_key_env)
+    if secret:
+        body["api_key"] = secret
+
+    async def job(kp: Keyplane) -> dict[str, Any]:
+        return await kp.providers.create(await _principal(kp, org), ProviderCreate.model_validate(body))
+
+    print_table(_provider_rows([run(job)]), PROVIDER_COLUMNS)
+
+
+@providers_app.command("list")
+def providers_list(org: Org = "default", as_json: AsJson = False) -> None:
+    """List providers (secrets masked)."""
+
+    async def job(kp: Keyplane) -> list[dict[str, Any]]:
+        return await kp.providers.list(await _principal(kp, org))
+
+    rows = run(job)
+    if as_json:
+        _print_json(rows)
+    else:
+        print_table(_provider_rows(rows), PROVIDER_COLUMNS)
+
+
+@providers_app.command("update")
+def providers_update(
+    name: str,
+    base_url: Annotated[str | None, typer.Option()] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Replace the model list (repeat).")]
+    = None,
+    api_key_env: Annotated[str | None, typer.Option(help="Rotate: read the new secret from this env variable.")]
+    = None,
+    timeout: Annotated[float | None, typer.Option()] = None,
+    org: Org = "default",
+) -> None:
+    """Change a provider: base URL, models and prices, timeout, or rotate its secret."""
+    changes: dict[str, Any] = {}
+    if base_url is not None:
+        changes["base_url"] = base_url
+    if model:
+        changes["models"] = _models(model)
+    if timeout is not None:
+        changes["timeout_seconds"] = timeout
+    secret = _provider_secret(api_key_env)
+    if secret:
+        changes["api_key"] = secret
+
+    async def job(kp: Keyplane) -> dict[str, Any]:
+        return await kp.providers.update(await _principal(kp, org), name, ProviderUpdate.model_validate(changes))
+
+    print_table(_provider_rows([run(job)]), PROVIDER_COLUMNS)
+
+
+@providers_app.command("delete")
+def providers_delete(name: str, org: Org = "default") -> None:
+    """Remove a provider; its models stop being served at once."""
+
+    async def job(kp: Keyplane) -> None:
+        await kp.providers.delete(await _principal(kp, org), name)
+
+    run(job)
+    typer.echo(f"{name} deleted")
+
+
+# -- usage ---------------------------------------------------------------------------------------
+
+USAGE_COLUMNS = ("group", "requests", "errors", "error_rate", "input_tokens", "output_tokens", "total_tokens",
+                 "cost_usd", "p50_ms", "p95_ms")
+
+
+@usage_app.callback()
+def usage(
+    ctx: typer.Context,
+    since: Annotated[str, typer.Option(help="24h, 7d, 30m or RFC 3339.")] = "24h",
+    group_by: Annotated[str, typer.Option(help="provider, model, cost_center, environment, key, endpoint, "
+                                               "hour or day")] = "model",
+    key_id: Annotated[str | None, typer.Option("--key", help="Only this key.")] = None,
+    org: Org = "default",
+    as_json: AsJson = False,
+) -> None:
+    """Requests, errors, tokens, cost and latency, grouped (the same figures as /api/v1/usage/summary)."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    async def job(kp: Keyplane) -> dict[str, Any]:
+        return await kp.usage.summary(await _principal(kp, org), since=since, group_by=group_by, key_id=key_id)
+
+    summary = run(job)
+    if as_json:
+        _print_json(summary)
+    else:
+        print_table(summary["data"], USAGE_COLUMNS)
+
+
+@usage_app.command("events")
+def usage_events(
+    since: Annotated[str | None, typer.Option()] = None,
+    key_id: Annotated[str | None, typer.Option("--key")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200)] = 50,
+    org: Org = "default",
+    as_json: AsJson = False,
+) -> None:
+    """The most recent usage events."""
+
+    async def job(kp: Keyplane) -> dict[str, Any]:
+        return await kp.usage.events(await _principal(kp, org), since=since, key_id=key_id, limit=limit)
+
+    page = run(job)
+    if as_json:
+        _print_json(page)
+    else:
+        print_table(page["data"], ("time", "key_id", "endpoint", "model", "status", "code", "input_tokens",
+                                   "output_tokens", "cost_usd", "latency_ms"))
 
 
 # -- organizations -------------------------------------------------------------------------------

@@ -281,3 +281,70 @@ async def test_client_disconnect_cancels_the_upstream_call(
         await asyncio.sleep(0.1)
     events = await usage_events(app, client, admin, key_id=key["id"])
     assert events[0]["code"] == "client_disconnected"
+
+
+async def _profile(client: httpx.AsyncClient, admin: dict[str, str], **limits: Any) -> str:
+    name = "p" + str(abs(hash(tuple(sorted(limits.items())))) % 10**8)
+    resp = await client.post("/api/v1/limit-profiles", json={"name": name, **limits}, headers=admin)
+    assert resp.status_code == 201, resp.text
+    return name
+
+
+async def _chat(client: httpx.AsyncClient, secret: str) -> httpx.Response:
+    return await client.post(CHAT, json={"model": "gpt-test", "messages": []}, headers=bearer(secret))
+
+
+ONE_CHAT_USD = (11 * 2.5 + 7 * 10) / 1e6  # what the fake upstream's usage costs at gpt-test's prices
+
+
+async def test_tokens_per_minute(client: httpx.AsyncClient, admin: dict[str, str], provider: str) -> None:
+    _, secret = await create_key(client, admin, limit_profile=await _profile(client, admin, tokens_per_minute=30))
+    assert (await _chat(client, secret)).status_code == 200  # 18 tokens
+    assert (await _chat(client, secret)).status_code == 200  # 36: the crossing request completes
+    resp = await _chat(client, secret)
+    err = assert_error(resp, 429, "rate_limited")
+    assert err["limit"] == "tokens_per_minute" and 1 <= err["retry_after"] <= 60
+    assert resp.headers["retry-after"] == str(err["retry_after"]) and err["resets_at"].endswith("Z")
+
+
+async def test_cost_per_day(client: httpx.AsyncClient, admin: dict[str, str], provider: str) -> None:
+    profile = await _profile(client, admin, cost_per_day_usd=1.5 * ONE_CHAT_USD)
+    _, secret = await create_key(client, admin, limit_profile=profile)
+    assert (await _chat(client, secret)).status_code == 200
+    assert (await _chat(client, secret)).status_code == 200
+    err = assert_error(await _chat(client, secret), 429, "budget_exceeded")
+    assert err["limit"] == "cost_per_day_usd" and err["resets_at"].endswith("T00:00:00Z")
+    assert err["type"] == "rate_limit_error"
+    # Listing models costs nothing and is still allowed.
+    assert (await client.get("/v1/models", headers=bearer(secret))).status_code == 200
+
+
+async def test_monthly_budget_is_shared_by_a_parent_and_its_subkeys(
+    client: httpx.AsyncClient, admin: dict[str, str], provider: str
+) -> None:
+    profile = await _profile(client, admin, budget_per_month_usd=1.5 * ONE_CHAT_USD)
+    parent, _ = await create_key(client, admin, limit_profile=profile)
+    a = (await client.post(f"/api/v1/keys/{parent['id']}/subkeys", json={"name": "a"}, headers=admin)).json()
+    b = (await client.post(f"/api/v1/keys/{parent['id']}/subkeys", json={"name": "b"}, headers=admin)).json()
+    assert (await _chat(client, a["secret"])).status_code == 200
+    assert (await _chat(client, b["secret"])).status_code == 200
+    # a has spent one chat of its own 1.5, but the parent's 1.5 are gone.
+    err = assert_error(await _chat(client, a["secret"]), 429, "budget_exceeded")
+    assert err["limit"] == "budget_per_month_usd" and err["resets_at"][8:] == "01T00:00:00Z"
+
+
+async def test_a_restart_does_not_reset_a_budget(
+    app: KeyplaneApp, settings_factory: Any, client: httpx.AsyncClient, admin: dict[str, str], provider: str
+) -> None:
+    profile = await _profile(client, admin, cost_per_day_usd=0.5 * ONE_CHAT_USD)
+    _, secret = await create_key(client, admin, limit_profile=profile)
+    assert (await _chat(client, secret)).status_code == 200
+    await app.kp.flush_usage()
+    restarted = KeyplaneApp(settings_factory())
+    await restarted.startup()
+    try:
+        transport = httpx.ASGITransport(app=restarted, client=("127.0.0.1", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as fresh:
+            assert_error(await _chat(fresh, secret), 429, "budget_exceeded")
+    finally:
+        await restarted.shutdown()

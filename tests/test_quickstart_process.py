@@ -165,3 +165,40 @@ def test_cli_audit_verify_names_a_tampered_entry(store_env: dict[str, str], tmp_
     db.close()
     result = cli(store_env, "audit", "verify", check=False)
     assert result.returncode == 1 and "entry 4" in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_demo_chat_completion_through_a_virtual_key_and_the_usage_table(
+    store_env: dict[str, str], tmp_path: Path
+) -> None:
+    server = Server(store_env, tmp_path, "--demo")
+    try:
+        server.wait_ready()
+        assert "echo-1" in server.output
+        admin = {"Authorization": f"Bearer {_admin_token(server)}"}
+        key = httpx.post(f"{server.url}/api/v1/keys", json={"name": "demo-app"}, headers=admin).json()["secret"]
+        headers = {"Authorization": f"Bearer {key}"}
+        models = httpx.get(f"{server.url}/v1/models", headers=headers).json()["data"]
+        assert "echo-1" in {m["id"] for m in models}
+        body = {"model": "echo-1", "messages": [{"role": "user", "content": "hello there keyplane"}]}
+        resp = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"] == "echo: hello there keyplane"
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
+                          headers=headers) as stream:
+            text = "".join(stream.iter_text())
+        assert "echo:" in text and text.rstrip().endswith("[DONE]")
+
+        os_env = {**store_env, "UPSTREAM_KEY": "sk-cli-provider-secret-1234"}
+        cli(os_env, "providers", "add", "other", "--base-url", "http://127.0.0.1:9/v1", "--model", "m-1=1/2",
+            "--api-key-env", "UPSTREAM_KEY")
+        listing = cli(store_env, "providers", "list").stdout
+        assert "other" in listing and "demo" in listing and "sk-cli-provider-secret-1234" not in listing
+        time.sleep(1.5)  # usage leaves the server in batches, at least every second
+        table = cli(store_env, "usage", "--since", "1h").stdout
+        row = next(line for line in table.splitlines() if line.startswith("echo-1"))
+        assert row.split()[1] == "2"  # two requests, both metered
+        events = json.loads(cli(store_env, "usage", "events", "--json").stdout)["data"]
+        assert {e["model"] for e in events} == {"echo-1", None}  # the /v1/models call has no model
+    finally:
+        server.stop()

@@ -71,6 +71,11 @@ class Limits:
             "budget_per_month_usd": self.budget_per_month_usd,
         }
 
+    @property
+    def has_spend_limit(self) -> bool:
+        return (self.tokens_per_minute is not None or self.cost_per_day_usd is not None
+                or self.budget_per_month_usd is not None)
+
     def exceeds(self, parent: Limits) -> list[str]:
         """Names of the limits where ``self`` is looser than ``parent`` (None = unlimited)."""
         looser = []
@@ -108,8 +113,15 @@ class KeySnapshot:
     # (bucket id, requests per minute) for this key and each ancestor with a request limit:
     # a sub-key's request counts against its parent's bucket too.
     buckets: tuple[tuple[str, int], ...] = ()
+    # (bucket id, limits) for this key and each ancestor with a token, daily-cost or monthly limit.
+    spend_limits: tuple[tuple[str, Limits], ...] = ()
     # The verify API's view of the key, serialized once at load time (compact: ~10x smaller than a dict).
     public_json: bytes = field(default=b"null", compare=False)
+
+    @property
+    def spend_buckets(self) -> tuple[str, ...]:
+        """Every bucket a request's tokens and cost count against: the key and all its ancestors."""
+        return (self.id, *self.ancestor_ids)
 
     @property
     def parent_id(self) -> str | None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -13,6 +16,7 @@ import orjson
 from keyplane.domain.errors import KeyplaneError, invalid_request
 from keyplane.gateway.asgi import Receive, Send, send_json
 from keyplane.gateway.enforce import Admission
+from keyplane.runtime.spend import Exhausted
 from keyplane.services.container import Keyplane
 from keyplane.services.providers import Route, secret_mask
 
@@ -38,6 +42,18 @@ class Outcome:
         self.input_tokens = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
         self.output_tokens = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
         self.cost_usd = route.cost(self.input_tokens, self.output_tokens)
+
+
+def spend_refusal(spent: Exhausted) -> KeyplaneError:
+    retry_after = max(1, math.ceil(spent.resets_at - time.time()))
+    resets_at = datetime.fromtimestamp(spent.resets_at, UTC).isoformat().replace("+00:00", "Z")
+    what = "tokens this minute" if spent.is_rate else "USD"
+    return KeyplaneError(
+        429, "rate_limited" if spent.is_rate else "budget_exceeded",
+        f"Limit {spent.limit} of {spent.value:g} {what} is spent; it resets at {resets_at}",
+        headers={"Retry-After": str(retry_after)},
+        extra={"limit": spent.limit, "resets_at": resets_at, "retry_after": retry_after},
+    )
 
 
 def upstream_message(resp_body: bytes, route: Route) -> str:
@@ -100,6 +116,9 @@ class Upstream:
     async def forward(self, admission: Admission, path: str, body: bytes, receive: Receive, send: Send,
                       outcome: Outcome) -> None:
         route, request = await self.route_for(admission, body, outcome)
+        spent = await self.kp.check_spend(admission.key)
+        if spent is not None:
+            raise spend_refusal(spent)
         stream = request.get("stream") is True and path in STREAMABLE
         if stream:
             options = request.get("stream_options")

@@ -17,6 +17,7 @@ from keyplane.domain.policy import KeySnapshot
 from keyplane.domain.secrets_box import SecretBox
 from keyplane.runtime.access_log import AccessLog
 from keyplane.runtime.cache import ABSENT, CredentialCache
+from keyplane.runtime.spend import Exhausted, SpendLedger
 from keyplane.runtime.usage_buffer import UsageBuffer
 from keyplane.runtime.usage_tracker import LastUsedTracker
 from keyplane.services import credentials
@@ -107,6 +108,7 @@ class Keyplane:
         self._box: SecretBox | None = None
         self.providers = ProviderService(self.db, self.invalidator, self.secret_box)
         self.usage_buffer = UsageBuffer()
+        self.spend = SpendLedger()
         self.usage = UsageService(self.db)
         self.organizations = OrganizationService(self.db)
         self._tasks: list[asyncio.Task[None]] = []
@@ -235,6 +237,16 @@ class Keyplane:
             table = await self.providers.routes(org_id)
             self.routes[org_id] = table
         return table
+
+    async def check_spend(self, key: KeySnapshot) -> Exhausted | None:
+        """Is a token, daily-cost or monthly budget window of this key or a parent already spent?"""
+        if not key.spend_limits:
+            return None
+        for bucket, _limits in key.spend_limits:
+            if self.spend.needs_seed(bucket):
+                day, month = await self.usage.spent_so_far(bucket)
+                self.spend.seed(bucket, day, month)
+        return self.spend.check(key.spend_limits)
 
     async def flush_usage(self) -> None:
         batch = self.usage_buffer.take()

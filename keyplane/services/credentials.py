@@ -10,6 +10,7 @@ from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
 from keyplane.domain import policy
+from keyplane.domain.policy import Limits
 from keyplane.services.keys import MAX_SUBKEY_DEPTH, key_to_dict
 from keyplane.services.limit_profiles import limits_of
 from keyplane.services.principal import Principal
@@ -63,8 +64,11 @@ def _load_key(s: Session, digest: str) -> policy.KeySnapshot | None:
     scopes = frozenset(row.scopes)
     ancestors: list[str] = []
     buckets: list[tuple[str, int]] = []
+    spend: list[tuple[str, Limits]] = []
     if profile is not None and profile.requests_per_minute:
         buckets.append((row.id, profile.requests_per_minute))
+    if limits_of(profile).has_spend_limit:
+        spend.append((row.id, limits_of(profile)))
     parent_id = row.parent_id
     while parent_id is not None and len(ancestors) < MAX_SUBKEY_DEPTH:
         ancestors.append(parent_id)
@@ -79,6 +83,8 @@ def _load_key(s: Session, digest: str) -> policy.KeySnapshot | None:
         scopes &= frozenset(parent.scopes)  # a narrowed parent narrows its sub-keys too
         if parent_profile is not None and parent_profile.requests_per_minute:
             buckets.append((parent.id, parent_profile.requests_per_minute))
+        if limits_of(parent_profile).has_spend_limit:
+            spend.append((parent.id, limits_of(parent_profile)))
         parent_id = parent.parent_id
     full = key_to_dict(row, profile.name if profile else None)
     # What the verify API answers with: the effective policy, nothing that changes per request.
@@ -105,6 +111,7 @@ def _load_key(s: Session, digest: str) -> policy.KeySnapshot | None:
         environment=row.environment,
         valid_until=valid_until,
         buckets=tuple(buckets),
+        spend_limits=tuple(spend),
         # orjson hands back an over-allocated buffer (~8 KiB); a copy keeps just the bytes (~350).
         public_json=bytes(memoryview(orjson.dumps(public))),
     )

@@ -7,7 +7,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import case, func, insert, or_, select
 
 from keyplane.domain.errors import invalid_request
 from keyplane.services.audit import parse_since
@@ -52,6 +52,18 @@ class UsageService:
     async def insert(self, batch: list[dict[str, Any]]) -> None:
         async with self.db.write() as s:
             await s.execute(insert(UsageEvent), batch)
+
+    async def spent_so_far(self, bucket: str) -> tuple[float, float]:
+        """USD spent today and this month (UTC) by a key and its direct sub-keys, from the store."""
+        now = datetime.now(UTC)
+        month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        cost_today = func.coalesce(func.sum(case((UsageEvent.time >= day_start, UsageEvent.cost_usd), else_=0.0)), 0.0)
+        q = select(func.coalesce(func.sum(UsageEvent.cost_usd), 0.0), cost_today).where(
+            or_(UsageEvent.key_id == bucket, UsageEvent.parent_id == bucket), UsageEvent.time >= month_start)
+        async with self.db.read() as s:
+            month, day = (await s.execute(q)).one()
+        return float(day), float(month)
 
     async def summary(self, principal: Principal, *, since: str = "24h", group_by: str = "model",
                       key_id: str | None = None) -> dict[str, Any]:
