@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import case, func, insert, or_, select
+from sqlalchemy.orm import Session
 
 from keyplane.domain.errors import invalid_request
 from keyplane.services.audit import parse_since
@@ -45,13 +46,32 @@ def _group_value(group_by: str, e: Any) -> str:
     return value if value is not None else "(none)"
 
 
+_COLUMNS = ("org_id", "key_id", "parent_id", "provider", "model", "endpoint", "status", "code", "input_tokens",
+            "output_tokens", "cost_usd", "latency_ms", "client_ip", "cost_center", "environment", "time")
+_SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+
+
+def _sqlite_executemany(s: Session, batch: list[dict[str, Any]]) -> None:
+    """The driver's executemany with plain tuples: ~10x cheaper than the ORM's bulk insert, which
+    mattered at thousands of events a second (it showed as tail latency on the requests being served).
+    Times are stored exactly as SQLAlchemy stores them on SQLite (naive UTC text)."""
+    rows = []
+    for event in batch:
+        at = event["time"].astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+        rows.append((*(event[c] for c in _COLUMNS[:-1]), at))
+    s.connection().exec_driver_sql(_SQLITE_INSERT, rows)
+
+
 class UsageService:
     def __init__(self, db: Database) -> None:
         self.db = db
 
     async def insert(self, batch: list[dict[str, Any]]) -> None:
-        async with self.db.write() as s:
-            await s.execute(insert(UsageEvent), batch)
+        if self.db.is_sqlite:
+            await self.db.run_write(lambda s: _sqlite_executemany(s, batch))
+        else:
+            await self.db.run_write(lambda s: s.execute(insert(UsageEvent), batch))
 
     async def spent_so_far(self, bucket: str) -> tuple[float, float]:
         """USD spent today and this month (UTC) by a key and its direct sub-keys, from the store."""

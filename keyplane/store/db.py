@@ -64,12 +64,17 @@ class Database:
         # SQLite lookups on the hot path's cache misses run whole in one worker thread: one thread hop
         # instead of one per statement (aiosqlite's way), which is most of a miss's cost.
         self._sync_reads: Engine | None = None
+        self._sync_writes: Engine | None = None
         self._sync_executor: ThreadPoolExecutor | None = None
         if self.is_sqlite:
             self._sync_reads = create_engine(
                 url.replace("sqlite+aiosqlite", "sqlite", 1), connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
             )
             _sqlite_setup(self._sync_reads, immediate=False)
+            self._sync_writes = create_engine(
+                url.replace("sqlite+aiosqlite", "sqlite", 1), connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+            )
+            _sqlite_setup(self._sync_writes, immediate=True)
             self._sync_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keyplane-read")
 
     async def run_read(self, fn: Callable[[Session], T]) -> T:
@@ -95,7 +100,23 @@ class Database:
         async with self._read_sessions() as session, session.begin():
             yield session
 
+    async def run_write(self, fn: Callable[[Session], T]) -> T:
+        """Like ``run_read`` for bulk writes (usage batches): on SQLite, statement building and the
+        insert happen in a worker thread, not on the event loop serving requests."""
+        if self._sync_writes is not None:
+            engine = self._sync_writes
+
+            def job() -> T:
+                with Session(engine, expire_on_commit=False) as session, session.begin():
+                    return fn(session)
+
+            return await asyncio.get_running_loop().run_in_executor(self._sync_executor, job)
+        async with self.write() as session:
+            return await session.run_sync(fn)
+
     async def dispose(self) -> None:
+        if self._sync_writes is not None:
+            self._sync_writes.dispose()
         if self._sync_reads is not None:
             self._sync_reads.dispose()
         if self._sync_executor is not None:
