@@ -348,3 +348,39 @@ async def test_a_restart_does_not_reset_a_budget(
             assert_error(await _chat(fresh, secret), 429, "budget_exceeded")
     finally:
         await restarted.shutdown()
+
+
+async def test_limit_recommendation_from_real_usage(
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    key, _ = await create_key(client, admin, limit_profile="professional")
+    empty = (await client.get(f"/api/v1/keys/{key['id']}/recommendation", headers=admin)).json()
+    assert empty["observed"]["requests"] == 0 and empty["suggested_profile"] == "free"
+    now = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
+    events = []
+    for minute in range(100):  # 100 busy minutes: 4 requests each, one minute with 20
+        count = 20 if minute == 50 else 4
+        for i in range(count):
+            events.append({"org_id": key_id_org(app, admin), "key_id": key["id"], "parent_id": None,
+                           "provider": "p", "model": "m", "endpoint": CHAT, "status": 500 if i == 0 else 200,
+                           "code": "ok", "input_tokens": 100, "output_tokens": 50, "cost_usd": 0.001,
+                           "latency_ms": 10.0, "client_ip": None, "cost_center": None, "environment": None,
+                           "time": now - timedelta(minutes=minute, seconds=-i)})
+    await app.kp.usage.insert(events)
+    resp = await client.get(f"/api/v1/keys/{key['id']}/recommendation", params={"window": "24h"}, headers=admin)
+    assert resp.status_code == 200, resp.text
+    rec = resp.json()
+    assert rec["observed"]["requests"] == 416 and rec["observed"]["peak_requests_per_minute"] == 20
+    assert rec["observed"]["p99_requests_per_minute"] == 4  # the one spike is the top 1%
+    assert rec["suggested_limits"]["requests_per_minute"] == 6
+    assert rec["suggested_limits"]["tokens_per_minute"] == 900
+    assert rec["suggested_profile"] == "free" and rec["current_profile"] == "professional"
+    assert any("headroom" in line for line in rec["explanation"])
+    assert_error(await client.get("/api/v1/keys/key_nope/recommendation", headers=admin), 404, "not_found")
+
+
+def key_id_org(app: KeyplaneApp, admin: dict[str, str]) -> str:
+    assert app.bootstrap is not None
+    return app.bootstrap.org_id

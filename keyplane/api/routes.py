@@ -90,6 +90,14 @@ async def create_subkey(request: Request, who: Who, key_id: str, body: KeyCreate
     return {"key": key, "secret": secret}
 
 
+@router.get("/keys/{key_id}/recommendation", tags=["usage"])
+async def recommend_limits(
+    request: Request, who: Who, key_id: str,
+    window: Annotated[str, Query(max_length=40, description="24h, 7d or RFC 3339")] = "24h",
+) -> dict[str, Any]:
+    return await keyplane_of(request).recommendations.recommend(who, key_id, window)
+
+
 # -- service accounts ----------------------------------------------------------------------------
 
 @router.get("/service-accounts", tags=["service accounts"])

@@ -54,6 +54,7 @@ CONTROL_PLANE_ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/keys/{key_id}/enable"): "virtual_keys:revoke",
     ("POST", "/api/v1/keys/{key_id}/rotate"): "virtual_keys:revoke",
     ("POST", "/api/v1/keys/{key_id}/subkeys"): "virtual_keys:create",
+    ("GET", "/api/v1/keys/{key_id}/recommendation"): "usage:read",
     ("POST", "/api/v1/keys/verify"): "keys:verify",
     ("GET", "/api/v1/service-accounts"): "service_accounts:manage",
     ("POST", "/api/v1/service-accounts"): "service_accounts:manage",

@@ -27,6 +27,7 @@ from keyplane.services.limit_profiles import LimitProfileService
 from keyplane.services.organizations import DEFAULT_ORG, OrganizationService
 from keyplane.services.principal import Principal
 from keyplane.services.providers import ProviderService, Route
+from keyplane.services.recommendations import RecommendationService
 from keyplane.services.service_accounts import ServiceAccountService
 from keyplane.services.usage import UsageService
 from keyplane.store import master_key, migrate
@@ -110,6 +111,7 @@ class Keyplane:
         self.usage_buffer = UsageBuffer()
         self.spend = SpendLedger()
         self.usage = UsageService(self.db)
+        self.recommendations = RecommendationService(self.db)
         self.organizations = OrganizationService(self.db)
         self._tasks: list[asyncio.Task[None]] = []
         self._change_mark: int | None = None
