@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     )
     demo: bool = Field(default=False, description="Register the built-in local echo provider.")
     upstream_max_connections: int = 200
+    alert_interval_seconds: float = Field(default=30.0, description="How often alert rules are evaluated.")
     admin_token: str | None = Field(default=None, description="Admin token to use on first start.")
     host: str = "127.0.0.1"
     port: int = 8080

@@ -53,7 +53,7 @@ async def test_every_route_in_the_table_demands_its_scope(
 ) -> None:
     others = sorted({s for s in CONTROL_PLANE_ROUTES.values() if s and s != scope})
     _, token = await create_sa(client, admin, others)
-    url = path.format(key_id="key_x", sa_id="sa_x", name="free")
+    url = path.format(key_id="key_x", sa_id="sa_x", name="free", rule_id="alr_x")
     resp = await client.request(method, url, headers=bearer(token), json={})
     err = assert_error(resp, 403, "insufficient_scope")
     assert err["scope"] == scope

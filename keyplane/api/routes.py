@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from keyplane.api.auth import keyplane_of, principal
 from keyplane.services.principal import Principal
 from keyplane.services.schemas import (
+    AlertRuleCreate,
     KeyCreate,
     KeyRotate,
     KeyUpdate,
@@ -228,6 +229,25 @@ async def usage_events(
 ) -> dict[str, Any]:
     return await keyplane_of(request).usage.events(who, since=since, key_id=key_id, model=model, provider=provider,
                                                   status=status, cursor=cursor, limit=limit)
+
+
+# -- alerts --------------------------------------------------------------------------------------
+
+@router.get("/alerts", tags=["alerts"])
+async def list_alerts(request: Request, who: Who) -> dict[str, Any]:
+    return {"data": await keyplane_of(request).alerts.list(who)}
+
+
+@router.post("/alerts", status_code=201, tags=["alerts"])
+async def create_alert(request: Request, who: Who, body: AlertRuleCreate) -> dict[str, Any]:
+    rule, secret = await keyplane_of(request).alerts.create(who, body)
+    return {"alert": rule, "signing_secret": secret}
+
+
+@router.delete("/alerts/{rule_id}", tags=["alerts"])
+async def delete_alert(request: Request, who: Who, rule_id: str) -> dict[str, Any]:
+    await keyplane_of(request).alerts.delete(who, rule_id)
+    return {"id": rule_id, "deleted": True}
 
 
 @router.get("/whoami", tags=["service accounts"])

@@ -74,6 +74,9 @@ CONTROL_PLANE_ROUTES: dict[tuple[str, str], str] = {
     ("DELETE", "/api/v1/providers/{name}"): "providers:manage",
     ("GET", "/api/v1/usage/summary"): "usage:read",
     ("GET", "/api/v1/usage/events"): "usage:read",
+    ("GET", "/api/v1/alerts"): "usage:read",
+    ("POST", "/api/v1/alerts"): "limit_profiles:write",
+    ("DELETE", "/api/v1/alerts/{rule_id}"): "limit_profiles:write",
     ("GET", "/api/v1/whoami"): "",  # any valid token
 }
 

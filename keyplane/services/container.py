@@ -21,6 +21,7 @@ from keyplane.runtime.spend import Exhausted, SpendLedger
 from keyplane.runtime.usage_buffer import UsageBuffer
 from keyplane.runtime.usage_tracker import LastUsedTracker
 from keyplane.services import credentials
+from keyplane.services.alerts import AlertService
 from keyplane.services.audit import AuditService
 from keyplane.services.keys import KeyService
 from keyplane.services.limit_profiles import LimitProfileService
@@ -112,6 +113,7 @@ class Keyplane:
         self.spend = SpendLedger()
         self.usage = UsageService(self.db)
         self.recommendations = RecommendationService(self.db)
+        self.alerts = AlertService(self.db, self.usage, self.secret_box)
         self.organizations = OrganizationService(self.db)
         self._tasks: list[asyncio.Task[None]] = []
         self._change_mark: int | None = None
@@ -144,6 +146,8 @@ class Keyplane:
             asyncio.create_task(self._every(self.settings.change_poll_seconds, self.poll_changes), name="poll"),
             asyncio.create_task(self._every(0.25, self._flush_access_log), name="access-log"),
             asyncio.create_task(self._every(1.0, self.flush_usage), name="usage"),
+            asyncio.create_task(self._every(self.settings.alert_interval_seconds, self.alerts.evaluate),
+                                name="alerts"),
         ]
         return boot
 

@@ -102,3 +102,16 @@ class ProviderUpdate(Strict):
     api_key: SecretStr | None = Field(default=None, description="a new secret (rotation); write-only")
     models: list[ModelPrice] | None = Field(default=None, min_length=1, max_length=500)
     timeout_seconds: float | None = Field(default=None, gt=0, le=600)
+
+
+class AlertRuleCreate(Strict):
+    name: ProfileName
+    kind: Literal["budget", "error_rate", "spike"]
+    key_id: Annotated[str, StringConstraints(max_length=40)] | None = Field(
+        default=None, description="the key to watch (required for budget); none: the whole organization")
+    threshold: float = Field(gt=0, le=1_000_000, description="budget: fraction spent (0.8); error_rate: fraction "
+                                                            "(0.2); spike: factor over the trailing baseline (3)")
+    window_minutes: int = Field(default=15, ge=1, le=1440)
+    min_requests: int = Field(default=20, ge=1, le=1_000_000)
+    webhook_url: BaseUrl
+    cooldown_seconds: int = Field(default=3600, ge=0, le=30 * 24 * 3600)

@@ -193,3 +193,26 @@ class UsageEvent(Base):
     cost_center: Mapped[str | None] = mapped_column(String(100), nullable=True)
     environment: Mapped[str | None] = mapped_column(String(100), nullable=True)
     time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AlertRule(Base):
+    """A condition on usage that, when met, is delivered as a signed webhook and recorded in the audit log."""
+
+    __tablename__ = "alert_rules"
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_alert_rules_org_name"),)
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # budget | error_rate | spike
+    key_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # null: the whole organization
+    threshold: Mapped[float] = mapped_column(Float)
+    window_minutes: Mapped[int] = mapped_column(Integer, default=15)
+    min_requests: Mapped[int] = mapped_column(Integer, default=20)
+    webhook_url: Mapped[str] = mapped_column(String(500))
+    secret_sealed: Mapped[str] = mapped_column(Text)  # HMAC signing secret, sealed like provider secrets
+    cooldown_seconds: Mapped[int] = mapped_column(Integer, default=3600)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    last_fired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
