@@ -379,6 +379,23 @@ def keys_delete(
     typer.echo(f"{key_id} deleted{extra}")
 
 
+@keys_app.command("recommend")
+def keys_recommend(key_id: str, window: Annotated[str, typer.Option(help="24h, 7d …")] = "24h",
+                   org: Org = "default", as_json: AsJson = False) -> None:
+    """Suggest limits for a key from its real usage over the window, explained."""
+
+    async def job(kp: Keyplane) -> dict[str, Any]:
+        return await kp.recommendations.recommend(await _principal(kp, org), key_id, window)
+
+    rec = run(job)
+    if as_json:
+        _print_json(rec)
+        return
+    for line in rec["explanation"]:
+        typer.echo(line)
+    typer.echo("suggested: " + ", ".join(f"{k}={v}" for k, v in rec["suggested_limits"].items() if v is not None))
+
+
 # -- service accounts ----------------------------------------------------------------------------
 
 @sa_app.command("create")

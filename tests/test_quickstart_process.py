@@ -176,7 +176,8 @@ def test_demo_chat_completion_through_a_virtual_key_and_the_usage_table(
         server.wait_ready()
         assert "echo-1" in server.output
         admin = {"Authorization": f"Bearer {_admin_token(server)}"}
-        key = httpx.post(f"{server.url}/api/v1/keys", json={"name": "demo-app"}, headers=admin).json()["secret"]
+        made = httpx.post(f"{server.url}/api/v1/keys", json={"name": "demo-app"}, headers=admin).json()
+        key, key_id = made["secret"], made["key"]["id"]
         headers = {"Authorization": f"Bearer {key}"}
         models = httpx.get(f"{server.url}/v1/models", headers=headers).json()["data"]
         assert "echo-1" in {m["id"] for m in models}
@@ -200,5 +201,7 @@ def test_demo_chat_completion_through_a_virtual_key_and_the_usage_table(
         assert row.split()[1] == "2"  # two requests, both metered
         events = json.loads(cli(store_env, "usage", "events", "--json").stdout)["data"]
         assert {e["model"] for e in events} == {"echo-1", None}  # the /v1/models call has no model
+        advice = cli(store_env, "keys", "recommend", key_id).stdout
+        assert "3 requests over" in advice and "suggested: requests_per_minute=" in advice  # 3: models + 2 chats
     finally:
         server.stop()
