@@ -136,6 +136,8 @@ async def test_chat_completion_is_forwarded_with_the_provider_secret(
     assert chat["cost_usd"] == pytest.approx((11 * 2.5 + 7 * 10) / 1e6)
     assert chat["provider"] == "local" and chat["model"] == "gpt-test" and chat["status"] == 200
     assert chat["cost_center"] == "research" and chat["environment"] == "prod" and chat["client_ip"] == "127.0.0.1"
+    metrics = (await client.get("/metrics")).text
+    assert "keyplane_usage_events_written_total" in metrics and "keyplane_usage_events_dropped_total 0.0" in metrics
     embedding = next(e for e in events if e["endpoint"] == "/v1/embeddings")
     assert embedding["input_tokens"] == 5 and embedding["cost_usd"] == pytest.approx(5 * 0.1 / 1e6)
 

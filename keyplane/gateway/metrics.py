@@ -14,7 +14,7 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 class _CacheCollector(Collector):
-    """Reads the caches' own counters at scrape time: nothing extra per request."""
+    """Reads the caches', usage buffer's and alerts' own counters at scrape time: nothing extra per request."""
 
     def __init__(self, kp: Keyplane) -> None:
         self.kp = kp
@@ -32,6 +32,18 @@ class _CacheCollector(Collector):
         yield hits
         yield misses
         yield size
+        buffer = self.kp.usage_buffer
+        yield CounterMetricFamily("keyplane_usage_events_written", "Usage events written to the store",
+                                  value=buffer.written)
+        yield CounterMetricFamily("keyplane_usage_events_dropped", "Usage events dropped: buffer full",
+                                  value=buffer.dropped)
+        yield GaugeMetricFamily("keyplane_usage_buffer_events", "Usage events waiting to be written",
+                                value=len(buffer))
+        deliveries = CounterMetricFamily("keyplane_alert_deliveries", "Alert webhooks by outcome",
+                                         labels=["outcome"])
+        deliveries.add_metric(["delivered"], self.kp.alerts.delivered)
+        deliveries.add_metric(["failed"], self.kp.alerts.failed)
+        yield deliveries
 
 
 class Metrics:
