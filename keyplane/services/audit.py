@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyplane.domain import audit_chain
 from keyplane.domain.errors import invalid_request, not_found
-from keyplane.services.pagination import decode_cursor, encode_cursor
+from keyplane.services.pagination import decode_cursor, page
 from keyplane.services.principal import Principal
 from keyplane.store.db import Database
 from keyplane.store.models import AuditEvent, Organization
@@ -119,12 +119,8 @@ class AuditService:
         q = q.order_by(AuditEvent.seq.desc()).limit(limit + 1)
         async with self.db.read() as s:
             rows = list((await s.execute(q)).scalars())
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return {
-            "data": [event_to_dict(r) for r in rows],
-            "next_cursor": encode_cursor(rows[-1].seq) if more and rows else None,
-        }
+        rows, next_cursor = page(rows, limit, lambda e: e.seq)
+        return {"data": [event_to_dict(r) for r in rows], "next_cursor": next_cursor}
 
     async def verify(self, principal: Principal) -> audit_chain.ChainVerdict:
         principal.require("audit:read")

@@ -15,7 +15,7 @@ from keyplane.domain.errors import KeyplaneError, cannot_grant, conflict, invali
 from keyplane.services import audit
 from keyplane.services.invalidation import Invalidator
 from keyplane.services.limit_profiles import limits_of, require_by_name
-from keyplane.services.pagination import decode_cursor, encode_cursor
+from keyplane.services.pagination import decode_cursor, page
 from keyplane.services.principal import Principal, new_id
 from keyplane.services.schemas import KeyCreate, KeyRotate, KeyUpdate
 from keyplane.store.db import Database
@@ -163,13 +163,9 @@ class KeyService:
         query = query.order_by(VirtualKey.pk.desc()).limit(limit + 1)
         async with self.db.read() as s:
             rows = list((await s.execute(query)).scalars())
-            more = len(rows) > limit
-            rows = rows[:limit]
+            rows, next_cursor = page(rows, limit, lambda k: k.pk)
             names = await self._profile_names(s, {r.limit_profile_id for r in rows if r.limit_profile_id})
-        return {
-            "data": [key_to_dict(r, names.get(r.limit_profile_id or "")) for r in rows],
-            "next_cursor": encode_cursor(rows[-1].pk) if more and rows else None,
-        }
+        return {"data": [key_to_dict(r, names.get(r.limit_profile_id or "")) for r in rows], "next_cursor": next_cursor}
 
     # -- minting -------------------------------------------------------------------------------
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
+from typing import TypeVar
 
 from keyplane.domain.errors import invalid_request
+
+T = TypeVar("T")
 
 
 def encode_cursor(position: int) -> str:
@@ -19,3 +23,10 @@ def decode_cursor(cursor: str) -> int:
         return int(raw[1:])
     except (ValueError, UnicodeDecodeError):
         raise invalid_request("'cursor' is not a cursor this API returned") from None
+
+
+def page(rows: list[T], limit: int, position: Callable[[T], int]) -> tuple[list[T], str | None]:
+    """Rows fetched with ``limit + 1``: the page, and the cursor of the next one (None on the last)."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(position(rows[-1])) if more and rows else None

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from keyplane.domain.errors import invalid_request
 from keyplane.services.audit import parse_since
-from keyplane.services.pagination import decode_cursor, encode_cursor
+from keyplane.services.pagination import decode_cursor, page
 from keyplane.services.principal import Principal
 from keyplane.store.db import Database
 from keyplane.store.models import UsageEvent
@@ -138,11 +138,5 @@ class UsageService:
         q = q.order_by(UsageEvent.pk.desc()).limit(limit + 1)
         async with self.db.read() as s:
             rows = list((await s.execute(q)).scalars())
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return {"data": [event_to_dict(r) for r in rows],
-                "next_cursor": encode_cursor(rows[-1].pk) if more and rows else None}
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
+        rows, next_cursor = page(rows, limit, lambda e: e.pk)
+        return {"data": [event_to_dict(r) for r in rows], "next_cursor": next_cursor}

@@ -77,16 +77,17 @@ class Database:
             _sqlite_setup(self._sync_writes, immediate=True)
             self._sync_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keyplane-read")
 
+    async def _in_thread(self, engine: Engine, fn: Callable[[Session], T]) -> T:
+        def job() -> T:
+            with Session(engine, expire_on_commit=False) as session, session.begin():
+                return fn(session)
+
+        return await asyncio.get_running_loop().run_in_executor(self._sync_executor, job)
+
     async def run_read(self, fn: Callable[[Session], T]) -> T:
         """Run a synchronous read ``fn(session)`` in one transaction, the cheapest way for this store."""
         if self._sync_reads is not None:
-            engine = self._sync_reads
-
-            def job() -> T:
-                with Session(engine, expire_on_commit=False) as session, session.begin():
-                    return fn(session)
-
-            return await asyncio.get_running_loop().run_in_executor(self._sync_executor, job)
+            return await self._in_thread(self._sync_reads, fn)
         async with self.read() as session:
             return await session.run_sync(fn)
 
@@ -104,13 +105,7 @@ class Database:
         """Like ``run_read`` for bulk writes (usage batches): on SQLite, statement building and the
         insert happen in a worker thread, not on the event loop serving requests."""
         if self._sync_writes is not None:
-            engine = self._sync_writes
-
-            def job() -> T:
-                with Session(engine, expire_on_commit=False) as session, session.begin():
-                    return fn(session)
-
-            return await asyncio.get_running_loop().run_in_executor(self._sync_executor, job)
+            return await self._in_thread(self._sync_writes, fn)
         async with self.write() as session:
             return await session.run_sync(fn)
 
