@@ -86,6 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--litellm", help="path to a `litellm` executable (pip install 'litellm[proxy]' in its own "
+                                          "venv) to measure LiteLLM Proxy against the same upstream, same run")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
@@ -97,6 +99,17 @@ def main() -> None:
         env = {**os.environ, "KEYPLANE_HOME": str(work / "home")}
         upstream = Pinned("1", uvicorn_cmd("bench.fake_upstream:app", up_port), env, work / "up.log")
         keyplane = Pinned("0", uvicorn_cmd("keyplane.asgi:app", kp_port), env, work / "kp.log")
+        litellm = None
+        if args.litellm:
+            ll_port = free_port()
+            config = work / "litellm.yaml"
+            config.write_text(
+                "model_list:\n  - model_name: bench-model\n    litellm_params:\n      model: openai/bench-model\n"
+                f"      api_base: {upstream_url}/v1\n      api_key: sk-bench-upstream\n"
+                "general_settings:\n  master_key: sk-litellm-bench\n")
+            ll_env = {**env, "LITELLM_LOG": "ERROR"}
+            litellm = Pinned("0", [args.litellm, "--config", str(config), "--port", str(ll_port), "--num_workers", "1"],
+                             ll_env, work / "litellm.log")
         try:
             upstream.wait(f"{upstream_url}/v1/chat/completions")
             keyplane.wait(f"http://127.0.0.1:{kp_port}/healthz")
@@ -105,13 +118,17 @@ def main() -> None:
                        "keyplane": f"http://127.0.0.1:{kp_port}/v1/chat/completions"}
             headers = {"direct": {"Authorization": "Bearer sk-bench-upstream"},
                        "keyplane": {"Authorization": f"Bearer {key}"}}
+            if litellm is not None:
+                litellm.wait(f"http://127.0.0.1:{ll_port}/health/liveliness")
+                targets["litellm"] = f"http://127.0.0.1:{ll_port}/v1/chat/completions"
+                headers["litellm"] = {"Authorization": "Bearer sk-litellm-bench"}
             report: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"),
                                       "seconds": args.seconds, "rounds": args.rounds}
             import bench.hotpath as hp
 
             for label, connections in (("moderate_c8", 8), ("high_c64", 64)):
                 hp.CONNECTIONS = connections
-                samples: dict[str, list[dict[str, float]]] = {"direct": [], "keyplane": []}
+                samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
                 for name in targets:
                     wrk(targets[name], 2, headers[name], script)
                 for _ in range(args.rounds):
@@ -125,11 +142,17 @@ def main() -> None:
         finally:
             keyplane.stop()
             upstream.stop()
+            if litellm is not None:
+                litellm.stop()
     m, h, t = report["moderate_c8"], report["high_c64"], report["stream_ttfb"]
     report["added_p50_ms_moderate"] = round(m["keyplane"]["p50_ms"] - m["direct"]["p50_ms"], 3)
     report["added_p99_ms_moderate"] = round(m["keyplane"]["p99_ms"] - m["direct"]["p99_ms"], 3)
     report["throughput_ratio_high"] = round(h["keyplane"]["rps"] / h["direct"]["rps"], 3)
     report["added_ttfb_p50_ms"] = round(t["keyplane"]["p50_ms"] - t["direct"]["p50_ms"], 3)
+    if "litellm" in h:
+        report["litellm_added_p50_ms_moderate"] = round(m["litellm"]["p50_ms"] - m["direct"]["p50_ms"], 3)
+        report["litellm_throughput_ratio_high"] = round(h["litellm"]["rps"] / h["direct"]["rps"], 3)
+        report["keyplane_vs_litellm_throughput"] = round(h["keyplane"]["rps"] / h["litellm"]["rps"], 2)
     print(json.dumps(report, indent=2))
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
