@@ -32,6 +32,13 @@ async def test_no_secret_reaches_any_log_line(
         await client.post("/api/v1/keys/verify", content=b'{"key": "' + secret.encode() + b'", "bad": ', headers=admin)
         await client.get("/api/v1/keys", headers=bearer(secret))  # a virtual key on the control plane
         await client.get("/api/v1/keys", headers=bearer(sa_token[:-1] + "x"))
+        provider_secret = "sk-provider-secret-never-logged-42"
+        secrets_seen.append(provider_secret)
+        await client.post("/api/v1/providers", headers=admin, json={
+            "name": "unreachable", "base_url": "http://127.0.0.1:9/v1", "api_key": provider_secret,
+            "models": [{"name": "m-x"}]})
+        await client.patch("/api/v1/providers/unreachable", headers=admin, json={"api_key": provider_secret + "2"})
+        await client.post("/v1/chat/completions", json={"model": "m-x"}, headers=bearer(rotated.json()["secret"]))
     finally:
         logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)
     formatter = JsonFormatter()
