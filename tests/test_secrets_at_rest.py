@@ -39,6 +39,11 @@ def test_master_key_file_is_created_private_and_reused(tmp_path: Path) -> None:
         parse_master_key("c2hvcnQ=")
 
 
+def test_a_new_home_is_private(tmp_path: Path) -> None:
+    Keyplane(Settings(home=tmp_path / "fresh-home"))
+    assert (tmp_path / "fresh-home").stat().st_mode & 0o777 == 0o700
+
+
 def test_postgresql_requires_an_explicit_master_key(tmp_path: Path) -> None:
     kp = Keyplane(Settings(home=tmp_path, database_url="postgresql+asyncpg://nobody@127.0.0.1:1/none"))
     with pytest.raises(RuntimeError, match="KEYPLANE_MASTER_KEY"):
