@@ -80,8 +80,9 @@ class CacheInvalidator:
 class Keyplane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        if settings.is_sqlite and not settings.home.exists():
-            settings.home.mkdir(parents=True, mode=0o700)  # the store and the master key: owner only
+        if settings.is_sqlite:
+            # The store and the master key live here: owner only (mode applies when it is created).
+            settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = Database(settings.effective_database_url, schema=settings.database_schema)
         self.key_cache: CredentialCache[KeySnapshot] = CredentialCache(
             settings.key_cache_size,
