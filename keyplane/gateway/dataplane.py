@@ -55,7 +55,7 @@ class DataPlane:
             self.metrics.auth_seconds.observe(time.perf_counter() - started)
             await send_error(send, refused.error, refused.headers)
             outcome.status, outcome.code = refused.error.status, refused.error.code
-            self._finish(path, outcome, refused.key, self.enforcer.addresses.of(scope), started)
+            self._finish(path, outcome, refused.key, refused.ip or self.enforcer.addresses.of(scope), started)
             return
         self.metrics.auth_seconds.observe(time.perf_counter() - started)
         key, ip = admission.key, admission.client_ip

@@ -27,11 +27,12 @@ from keyplane.services.container import Keyplane
 
 class Refused(Exception):
     def __init__(self, error: KeyplaneError, key: policy.KeySnapshot | None = None,
-                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                 headers: list[tuple[bytes, bytes]] | None = None, ip: str = "") -> None:
         super().__init__(error.code)
         self.error = error
         self.key = key
         self.headers = headers or []
+        self.ip = ip
 
 
 @dataclass(slots=True)
@@ -73,8 +74,15 @@ class Enforcer:
         self.replays = ReplayWindow(ttl=2 * signing.MAX_SKEW_SECONDS + 5)
 
     async def admit(self, scope: Scope, required_scope: str, body: bytes) -> Admission:
-        now = time.time()
         ip = self.addresses.of(scope)
+        try:
+            return await self._admit(scope, required_scope, body, ip)
+        except Refused as refused:
+            refused.ip = ip  # for the usage event and the access log, without resolving it again
+            raise
+
+    async def _admit(self, scope: Scope, required_scope: str, body: bytes, ip: str) -> Admission:
+        now = time.time()
         blocked = self.brake.blocked_for(ip, now)
         if blocked:
             seconds = max(1, int(blocked + 0.999))
