@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 
@@ -109,3 +110,27 @@ async def test_last_used_is_written_off_the_request_path(
             break
         await asyncio.sleep(0.05)
     assert got["request_count"] == 3 and got["last_used_at"] is not None
+
+
+async def test_another_process_change_drops_only_what_it_touched(
+    settings_factory: Any, app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]
+) -> None:
+    """Two servers on one store: a disable on one reaches the other through the audit feed, and
+    only the disabled key leaves the other's cache."""
+    k1, s1 = await create_key(client, admin, name="one")
+    _, s2 = await create_key(client, admin, name="two")
+    other = KeyplaneApp(settings_factory(change_poll_seconds=3600))  # polled by hand below
+    await other.startup()
+    try:
+        transport = httpx.ASGITransport(app=other, client=("127.0.0.1", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as second:
+            for secret in (s1, s2):
+                assert (await verify(second, admin, secret))["valid"]
+            await client.post(f"/api/v1/keys/{k1['id']}/disable", headers=admin)
+            loads = count_store_loads(other)
+            await other.kp.poll_changes()
+            assert (await verify(second, admin, s1))["code"] == "DISABLED"
+            assert (await verify(second, admin, s2))["valid"]
+            assert len(loads) == 1  # only the disabled key was dropped and reloaded
+    finally:
+        await other.shutdown()

@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from keyplane.config import Settings
 from keyplane.domain import tokens
@@ -33,7 +33,7 @@ from keyplane.services.service_accounts import ServiceAccountService
 from keyplane.services.usage import UsageService
 from keyplane.store import master_key, migrate
 from keyplane.store.db import Database
-from keyplane.store.models import Organization
+from keyplane.store.models import AuditEvent, Organization
 
 log = logging.getLogger("keyplane")
 _KEY_LENGTH = len(tokens.VIRTUAL_KEY_PREFIX) + tokens.BODY_LEN
@@ -76,6 +76,16 @@ class CacheInvalidator:
         self.accounts.clear()
         self.routes.clear()
 
+    def changed(self, action: str, target: str) -> None:
+        """Drop what one audited change (``action`` on ``target``) may have made stale."""
+        kind = action.partition(".")[0]
+        if kind == "virtual_key":
+            self.key(target)
+        elif kind == "service_account":
+            self.service_account(target)
+        elif kind not in ("alert", "alert_rule"):
+            self.all()  # limit profiles, providers, organizations: rare, and felt by many keys
+
 
 class Keyplane:
     def __init__(self, settings: Settings) -> None:
@@ -117,7 +127,7 @@ class Keyplane:
         self.alerts = AlertService(self.db, self.usage, self.secret_box)
         self.organizations = OrganizationService(self.db)
         self._tasks: list[asyncio.Task[None]] = []
-        self._change_mark: int | None = None
+        self._heads: dict[str, int] | None = None  # org id -> audit seq this process has caught up with
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -141,7 +151,7 @@ class Keyplane:
         self.secret_box()  # fail fast on a missing or unreadable master key
         await self.migrate()
         boot = await self.bootstrap()
-        self._change_mark = await self._read_change_mark()
+        self._heads = await self._read_heads()
         self._tasks = [
             asyncio.create_task(self._every(self.settings.last_used_flush_seconds, self.flush), name="flush"),
             asyncio.create_task(self._every(self.settings.change_poll_seconds, self.poll_changes), name="poll"),
@@ -178,17 +188,36 @@ class Keyplane:
     async def flush(self) -> None:
         await self.tracker.flush(self.keys.record_last_used)
 
-    async def _read_change_mark(self) -> int:
-        # Every control-plane change appends an audit event, so the sum of chain lengths moves
-        # whenever anything changed, in this process or another (the CLI, other servers).
+    async def _read_heads(self) -> dict[str, int]:
         async with self.db.read() as s:
-            return int((await s.execute(select(func.coalesce(func.sum(Organization.audit_seq), 0)))).scalar_one())
+            return {org: seq for org, seq in await s.execute(select(Organization.id, Organization.audit_seq))}
 
     async def poll_changes(self) -> None:
-        mark = await self._read_change_mark()
-        if self._change_mark is not None and mark != self._change_mark:
-            self.invalidator.all()
-        self._change_mark = mark
+        """Catch up with changes other processes made (the CLI, other servers).
+
+        The audit log is the change feed: every control-plane change appends an event naming its
+        action and target, so each new event drops exactly what it touched from this process's
+        caches. Anything unexpected (a chain that shrank, events missing) drops everything.
+        """
+        heads = await self._read_heads()
+        if self._heads is None:
+            self._heads = heads
+            return
+        moved = [(org, self._heads.get(org, 0), seq) for org, seq in heads.items() if seq != self._heads.get(org, 0)]
+        if moved:
+            async with self.db.read() as s:
+                for org, seen, seq in moved:
+                    if seq < seen:
+                        self.invalidator.all()
+                        continue
+                    rows = (await s.execute(select(AuditEvent.action, AuditEvent.target).where(
+                        AuditEvent.org_id == org, AuditEvent.seq > seen, AuditEvent.seq <= seq))).all()
+                    if len(rows) != seq - seen:
+                        self.invalidator.all()
+                        continue
+                    for action, target in rows:
+                        self.invalidator.changed(action, target)
+        self._heads = heads
 
     # -- authentication (hot path: a cache hit touches no database) -----------------------------
 
