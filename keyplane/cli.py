@@ -114,6 +114,14 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _emit(value: Any, as_json: bool, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """``--json``: the whole value; otherwise its rows as a table."""
+    if as_json:
+        _print_json(value)
+    else:
+        print_table(rows, columns)
+
+
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
@@ -288,10 +296,7 @@ def keys_list(
                                   environment=environment, q=q, limit=limit)
 
     page = run(job)
-    if as_json:
-        _print_json(page)
-    else:
-        print_table(page["data"], KEY_COLUMNS)
+    _emit(page, as_json, page["data"], KEY_COLUMNS)
 
 
 @keys_app.command("get")
@@ -428,10 +433,7 @@ def sa_list(include_revoked: bool = False, org: Org = "default", as_json: AsJson
         return await kp.service_accounts.list(await _principal(kp, org), include_revoked=include_revoked)
 
     rows = run(job)
-    if as_json:
-        _print_json(rows)
-    else:
-        print_table(rows, ("id", "name", "masked_token", "status", "scopes", "created_at"))
+    _emit(rows, as_json, rows, ("id", "name", "masked_token", "status", "scopes", "created_at"))
 
 
 @sa_app.command("revoke")
@@ -462,10 +464,7 @@ def profiles_list(org: Org = "default", as_json: AsJson = False) -> None:
         return await kp.limit_profiles.list(await _principal(kp, org))
 
     rows = run(job)
-    if as_json:
-        _print_json(rows)
-    else:
-        print_table(rows, PROFILE_COLUMNS)
+    _emit(rows, as_json, rows, PROFILE_COLUMNS)
 
 
 def _limits(rpm: int | None, tpm: int | None, cpd: float | None, bpm: float | None) -> dict[str, Any]:
@@ -528,10 +527,7 @@ def audit_list(
                                    target=target, since=since, limit=limit)
 
     page = run(job)
-    if as_json:
-        _print_json(page)
-    else:
-        print_table(page["data"], ("seq", "time", "principal", "action", "target"))
+    _emit(page, as_json, page["data"], ("seq", "time", "principal", "action", "target"))
 
 
 @audit_app.command("verify")
@@ -618,10 +614,7 @@ def providers_list(org: Org = "default", as_json: AsJson = False) -> None:
         return await kp.providers.list(await _principal(kp, org))
 
     rows = run(job)
-    if as_json:
-        _print_json(rows)
-    else:
-        print_table(_provider_rows(rows), PROVIDER_COLUMNS)
+    _emit(rows, as_json, _provider_rows(rows), PROVIDER_COLUMNS)
 
 
 @providers_app.command("update")
@@ -688,10 +681,7 @@ def usage(
         return await kp.usage.summary(await _principal(kp, org), since=since, group_by=group_by, key_id=key_id)
 
     summary = run(job)
-    if as_json:
-        _print_json(summary)
-    else:
-        print_table(summary["data"], USAGE_COLUMNS)
+    _emit(summary, as_json, summary["data"], USAGE_COLUMNS)
 
 
 @usage_app.command("events")
@@ -741,10 +731,7 @@ def orgs_list(as_json: AsJson = False) -> None:
         return await kp.organizations.list()
 
     rows = run(job)
-    if as_json:
-        _print_json(rows)
-    else:
-        print_table(rows, ("id", "name", "created_at", "audit_entries"))
+    _emit(rows, as_json, rows, ("id", "name", "created_at", "audit_entries"))
 
 
 def main() -> None:
