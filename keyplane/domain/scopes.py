@@ -110,3 +110,23 @@ def unknown(scopes: Iterable[str], allowed: frozenset[str]) -> list[str]:
 def expand(held: Iterable[str]) -> frozenset[str]:
     held = frozenset(held)
     return ALL_SCOPES if ADMIN in held else held
+
+# MCP tools (served at /mcp): tool name -> required scope. The guard in front of the SDK reads this table
+# for every tools/call; tools/list shows a token only the tools it can call.
+MCP_TOOL_SCOPES: dict[str, str] = {
+    "keyplane_list_virtual_keys": "virtual_keys:read",
+    "keyplane_create_virtual_key": "virtual_keys:create",
+    "keyplane_revoke_virtual_key": "virtual_keys:revoke",
+    "keyplane_rotate_virtual_key": "virtual_keys:revoke",
+    "keyplane_usage_summary": "usage:read",
+    "keyplane_list_limit_profiles": "limit_profiles:list",
+    "keyplane_recommend_limits": "usage:read",
+    "keyplane_audit_events": "audit:read",
+}
+
+# What `keyplane connect --mint` and the dashboard's connect helper give a new agent token by default:
+# manage keys and read usage, nothing that touches providers, accounts or the audit trail. The data-plane
+# scopes are what keys it mints may carry (a principal never grants what it does not hold).
+AGENT_DEFAULT_SCOPES: frozenset[str] = frozenset(
+    {"virtual_keys:read", "virtual_keys:create", "virtual_keys:revoke", "usage:read", "limit_profiles:list"}
+) | DEFAULT_KEY_SCOPES

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import getpass
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from keyplane.domain import scopes as scope_rules
 from keyplane.domain.errors import insufficient_scope
@@ -16,11 +17,20 @@ def new_id(prefix: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """The MCP tool a principal is acting through: the audit names the tool and its (redacted) arguments."""
+
+    tool: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     org_id: str
     id: str  # service-account id, "cli:<user>" or "system"
     name: str
     scopes: frozenset[str]
+    via: ToolCall | None = None
 
     def require(self, scope: str) -> None:
         if scope and not scope_rules.holds(self.scopes, scope):

@@ -75,6 +75,19 @@ class ServiceAccountService:
         self.invalidator.new_secret(tokens.hash_token(token))
         return result, token
 
+    async def mint_agent_token(self, principal: Principal, client: str) -> tuple[dict[str, Any], str]:
+        """A narrowly scoped token for one coding agent (the connect helpers fill it in).
+
+        It gets the agent defaults the minter itself holds: a principal never grants what it lacks.
+        """
+        scopes = sorted(s for s in scope_rules.AGENT_DEFAULT_SCOPES if scope_rules.holds(principal.scopes, s))
+        if not scopes:
+            raise cannot_grant(sorted(scope_rules.AGENT_DEFAULT_SCOPES))
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+        return await self.create(principal, ServiceAccountCreate(
+            name=f"{client} agent {stamp}", scopes=scopes,
+            description=f"MCP token for {client}, minted by {principal.label}"))
+
     async def _get(self, s: AsyncSession, principal: Principal, sa_id: str) -> ServiceAccount:
         sa = (
             await s.execute(
