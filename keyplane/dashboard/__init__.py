@@ -1,0 +1,1 @@
+"""The dashboard at /ui: server-rendered pages over the same service layer as the REST API, CLI and MCP tools."""
