@@ -13,8 +13,10 @@ $(VENV)/.run-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+$(VENV)/.test-installed: pyproject.toml tests/mcp_ts_client/package-lock.json | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	npm ci --prefix tests/mcp_ts_client --no-audit --no-fund --loglevel=error
+	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null  # browser tests (Debian's, no download)
 	touch $@ $(VENV)/.run-installed
 
 serve: $(VENV)/.run-installed

@@ -63,9 +63,12 @@ def free_port() -> int:
 
 
 class Proc:
-    def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
+    """A server under test, pinned to ``cpus`` (None: unpinned), in a process group of its own."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path, cpus: str | None = "0") -> None:
         self.log = log.open("w")
-        self.p = subprocess.Popen(["taskset", "-c", "0", *cmd], env=env, cwd=ROOT, stdout=self.log,
+        prefix = ["taskset", "-c", cpus] if cpus else []
+        self.p = subprocess.Popen([*prefix, *cmd], env=env, cwd=ROOT, stdout=self.log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self, url: str) -> None:

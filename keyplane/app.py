@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 
 from keyplane.api.app import build_api
 from keyplane.config import Settings
+from keyplane.dashboard.app import Dashboard
 from keyplane.domain.errors import KeyplaneError
 from keyplane.gateway import demo
 from keyplane.gateway.asgi import Receive, Scope, Send, send_error
@@ -15,6 +17,7 @@ from keyplane.gateway.enforce import Enforcer
 from keyplane.gateway.metrics import CONTENT_TYPE, Metrics
 from keyplane.gateway.proxy import Upstream
 from keyplane.gateway.verify import VERIFY_PATH, VerifyEndpoint
+from keyplane.mcp_server.app import MCP_PATH, McpEndpoint
 from keyplane.services.container import Bootstrap, Keyplane
 
 log = logging.getLogger("keyplane")
@@ -23,8 +26,10 @@ log = logging.getLogger("keyplane")
 class KeyplaneApp:
     """A dispatcher, not a framework: a dict lookup sends hot paths to raw ASGI handlers."""
 
-    def __init__(self, settings: Settings | None = None, on_ready: Callable[[Bootstrap], None] | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, on_ready: Callable[[Bootstrap], None] | None = None,
+                 *, owns_process: bool = False) -> None:
         self.settings = settings or Settings()
+        self.owns_process = owns_process  # the app is what this process is for (serve, an ASGI server)
         self.kp = Keyplane(self.settings)
         self.api = build_api(self.kp)
         self.metrics = Metrics(self.kp)
@@ -35,6 +40,13 @@ class KeyplaneApp:
             VERIFY_PATH: VerifyEndpoint(self.kp, self.enforcer, self.metrics),
             "/metrics": self.serve_metrics,
         }
+        self.mcp: McpEndpoint | None = None
+        if self.settings.mcp_enabled:
+            self.mcp = McpEndpoint(self.kp, stateless=self.settings.mcp_sessions_stateless)
+            self.hot_routes[MCP_PATH] = self.mcp
+            self.hot_routes[MCP_PATH + "/"] = self.mcp
+            self.metrics.watch_mcp(self.mcp)
+        self.dashboard = Dashboard(self.kp)
         self.on_ready = on_ready
         self.bootstrap: Bootstrap | None = None
 
@@ -46,6 +58,9 @@ class KeyplaneApp:
                 handler = self.dataplane
             elif handler is None and self.settings.demo and path.startswith(demo.DEMO_PREFIX):
                 handler = demo.echo_app
+            elif handler is None and (path == "/ui" or path.startswith("/ui/")):
+                await self.dashboard(scope, receive, send)
+                return
             if handler is not None:
                 try:
                     await handler(scope, receive, send)
@@ -67,13 +82,25 @@ class KeyplaneApp:
 
     async def startup(self) -> Bootstrap:
         self.bootstrap = await self.kp.start()
+        if self.mcp is not None:
+            await self.mcp.start()
         if self.settings.demo:
             await demo.register(self.kp)
+        if self.owns_process:
+            # Everything built so far (frameworks, SDKs, settings, templates) lives as long as the process:
+            # take it out of the garbage collector's view, so full collections stop scanning it under load
+            # (measured: p99 of /v1/models at 64 connections roughly halved).
+            gc.collect()
+            gc.freeze()
         if self.on_ready is not None:
             self.on_ready(self.bootstrap)
         return self.bootstrap
 
     async def shutdown(self) -> None:
+        if self.owns_process:
+            gc.unfreeze()
+        if self.mcp is not None:
+            await self.mcp.stop()
         await self.upstream.close()
         await self.kp.stop()
 
@@ -98,4 +125,4 @@ class KeyplaneApp:
 
 def create_app() -> KeyplaneApp:
     """Factory for ASGI servers (``uvicorn --factory keyplane.app:create_app``)."""
-    return KeyplaneApp()
+    return KeyplaneApp(owns_process=True)

@@ -6,4 +6,4 @@ from keyplane.logs import configure_logging
 
 _settings = Settings()
 configure_logging(_settings.log_level)
-app = KeyplaneApp(_settings)
+app = KeyplaneApp(_settings, owns_process=True)

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from keyplane.config import Settings
 from keyplane.domain import tokens
 from keyplane.domain.errors import KeyplaneError
+from keyplane.mcp_server.connect import CLIENTS, connect_instructions, mcp_url_for
 from keyplane.services.container import Bootstrap, Keyplane
 from keyplane.services.principal import Principal, cli
 from keyplane.services.schemas import (
@@ -71,7 +72,7 @@ def run(job: Callable[[Keyplane], Awaitable[T]]) -> T:
             await kp.migrate()
             return await job(kp)
         finally:
-            await kp.db.dispose()
+            await kp.close()  # publishes what changed, in distributed mode
 
     try:
         return asyncio.run(main())
@@ -155,9 +156,12 @@ def _banner(settings: Settings) -> Callable[[Bootstrap], None]:
         lines = [
             "",
             f"keyplane is running at {url}",
+            f"  dashboard:    {url}/ui",
             f"  API docs:     {url}/docs",
+            f"  MCP server:   {url}/mcp   (`keyplane connect claude-code --mint` prints the setup)",
             f"  verify API:   {url}/api/v1/keys/verify",
-            f"  store:        {'SQLite at ' + str(settings.home) if settings.is_sqlite else 'PostgreSQL'}",
+            f"  store:        {'SQLite at ' + str(settings.home) if settings.is_sqlite else 'PostgreSQL'}"
+            + (f", limits shared in Redis, {settings.workers} worker(s)" if settings.redis_url else ""),
         ]
         if settings.demo:
             lines.append("  demo:         provider 'demo' serves model echo-1 (a local echo, no account needed)")
@@ -184,6 +188,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (KEYPLANE_PORT).")] = None,
     demo: Annotated[bool, typer.Option("--demo", help="Register a built-in local echo provider (model echo-1) "
                                                      "to try the gateway with no provider account.")] = False,
+    workers: Annotated[int | None, typer.Option(min=1, help="Processes on this port (KEYPLANE_WORKERS); more "
+                                                            "than one needs KEYPLANE_REDIS_URL.")] = None,
 ) -> None:
     """Run keyplane: migrations apply on start; first start creates the admin token and prints it once."""
     import uvicorn
@@ -198,14 +204,71 @@ def serve(
         overrides["port"] = port
     if demo:
         overrides["demo"] = True
+    if workers is not None:
+        overrides["workers"] = workers
     settings = Settings(**overrides)
     if settings.admin_token and not tokens.is_well_formed(settings.admin_token, tokens.SERVICE_ACCOUNT_PREFIX):
         _fail("invalid_request: KEYPLANE_ADMIN_TOKEN must be a well-formed mcp_sa_ token "
               "(`keyplane token generate` prints one)")
+    if settings.workers > 1 and not settings.redis_url:
+        _fail("invalid_request: --workers > 1 needs KEYPLANE_REDIS_URL, so that rate limits, budgets and "
+              "revocations are shared by every process (see docs/operations.md)")
     configure_logging(settings.log_level)
-    application = KeyplaneApp(settings, on_ready=_banner(settings))
-    uvicorn.run(application, host=settings.host, port=settings.port, access_log=False, log_config=None,
-                lifespan="on", server_header=False)
+    common: dict[str, Any] = {"host": settings.host, "port": settings.port, "access_log": False, "log_config": None,
+                              "lifespan": "on", "server_header": False}
+    if settings.workers == 1:
+        application = KeyplaneApp(settings, on_ready=_banner(settings), owns_process=True)
+        uvicorn.run(application, **common)
+        return
+    # Several processes on one port: migrate and bootstrap once here (and print the banner once), then
+    # let uvicorn fork workers that each build the app from the same settings (passed by environment).
+    async def prepare(kp: Keyplane) -> Bootstrap:
+        kp.secret_box()  # creates the master key file once (SQLite), or checks KEYPLANE_MASTER_KEY
+        return await kp.bootstrap()
+
+    _banner(settings)(run(prepare))
+    for name, value in overrides.items():
+        os.environ[f"KEYPLANE_{name.upper()}"] = str(value)
+    uvicorn.run("keyplane.app:create_app", factory=True, workers=settings.workers, **common)
+
+
+@app.command()
+def connect(
+    client: Annotated[str, typer.Argument(help=f"One of: {', '.join(CLIENTS)}.")],
+    mint: Annotated[bool, typer.Option("--mint", help="Mint a narrowly scoped agent token (audited) and fill it "
+                                                      "in; otherwise the setup reads $KEYPLANE_MCP_TOKEN.")] = False,
+    url: Annotated[str | None, typer.Option(help="keyplane's URL as the agent reaches it "
+                                                 "(default KEYPLANE_PUBLIC_URL or host:port).")] = None,
+    org: Org = "default",
+    as_json: AsJson = False,
+) -> None:
+    """Print a ready-to-run setup that connects a coding agent to keyplane's MCP server at /mcp."""
+    if client not in CLIENTS:
+        _fail(f"invalid_request: unknown client '{client}': one of {', '.join(CLIENTS)}")
+    settings = Settings()
+    token: str | None = None
+    minted: dict[str, Any] | None = None
+    if mint:
+
+        async def job(kp: Keyplane) -> tuple[dict[str, Any], str]:
+            return await kp.service_accounts.mint_agent_token(await _principal(kp, org), CLIENTS[client])
+
+        minted, token = run(job)
+    guide = connect_instructions(client, mcp_url_for(url or settings.base_url), token,
+                                 query_token_enabled=settings.mcp_query_token)
+    if as_json:
+        _print_json({**guide.to_dict(), "service_account": minted})
+        return
+    typer.echo(f"# Connect {guide.title} to keyplane's MCP server at {guide.mcp_url}")
+    if minted is not None:
+        typer.echo(f"# Minted service account {minted['id']} ({', '.join(minted['scopes'])}).")
+        typer.echo("# The token below is shown once: keyplane keeps only its SHA-256.")
+    else:
+        typer.echo(f"# The token is read from ${guide.token_env_var}: `keyplane connect {client} --mint` mints one.")
+    for snippet in guide.snippets:
+        typer.echo(f"\n# {snippet.label}:\n{snippet.text}")
+    for note in guide.notes:
+        typer.echo(f"\n# Note: {note}")
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,7 +19,17 @@ class Settings(BaseSettings):
     database_schema: str | None = Field(
         default=None, description="PostgreSQL schema to use (search_path); default the server's."
     )
-    redis_url: str | None = None
+    redis_url: str | None = Field(
+        default=None, description="redis://…: limits, spend, brake and change notices shared by every process."
+    )
+    redis_fail_mode: Literal["open", "closed"] = Field(
+        default="open", description="Redis unreachable: 'open' falls back to per-process limits, 'closed' refuses."
+    )
+    redis_namespace: str = Field(default="keyplane", description="Prefix of keyplane's Redis keys and channel.")
+    redis_timeout_seconds: float = Field(
+        default=1.0, gt=0, description="Per Redis command, connect and wait for a pooled connection."
+    )
+    redis_max_connections: int = Field(default=32, ge=1, description="Redis connections per process.")
     master_key: str | None = Field(
         default=None, description="base64 of 32 bytes; default a 0600 file under home (required on PostgreSQL)."
     )
@@ -28,6 +39,7 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(default=None, description="Admin token to use on first start.")
     host: str = "127.0.0.1"
     port: int = 8080
+    workers: int = Field(default=1, ge=1, description="Processes `keyplane serve` runs on one machine.")
     public_url: str | None = Field(default=None, description="URL printed and used in connect snippets.")
 
     # Hot path
@@ -48,6 +60,25 @@ class Settings(BaseSettings):
     brake_block_seconds: float = Field(default=60.0, description="How long a braked IP is refused.")
     access_log: bool = Field(default=True, description="One JSON log line per data-plane request.")
 
+    # MCP server at /mcp (docs/mcp.md)
+    mcp_enabled: bool = Field(default=True, description="Serve the MCP server at /mcp.")
+    mcp_query_token: bool = Field(
+        default=False, description="Also accept ?api_key= on the /mcp URL (for connector UIs that take only a URL)."
+    )
+    mcp_list_all_tools: bool = Field(
+        default=False, description="tools/list shows every tool, not only those the token can call."
+    )
+    mcp_stateless: bool | None = Field(
+        default=None, description="No MCP sessions (each request stands alone); default on with --workers > 1."
+    )
+    mcp_allowed_hosts: str = Field(
+        default="", description="Extra Host values accepted at /mcp (comma-separated, 'name:*' for any port; "
+                                "'*' turns the DNS-rebinding check off). Loopback and public_url are always allowed."
+    )
+    mcp_allowed_origins: str = Field(
+        default="", description="Extra browser Origins accepted at /mcp (comma-separated, 'http://name:*': any port)."
+    )
+
     default_limit_profile: str | None = "standard"
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
@@ -66,6 +97,11 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.effective_database_url.startswith("sqlite")
+
+    @property
+    def mcp_sessions_stateless(self) -> bool:
+        """Sessions live in one process's memory: several workers behind one port go stateless by default."""
+        return self.mcp_stateless if self.mcp_stateless is not None else self.workers > 1
 
     @property
     def base_url(self) -> str:

@@ -19,9 +19,13 @@ from keyplane.config import Settings
 POSTGRES_URL = os.environ.get("KEYPLANE_TEST_POSTGRES_URL")
 # PostgreSQL deployments must share one master key (no per-machine key file); tests use a fixed one.
 TEST_MASTER_KEY = "a2V5cGxhbmUtdGVzdC1tYXN0ZXIta2V5LTMyLWJ5dGU="
-BACKENDS = ["sqlite"] + (["postgresql"] if POSTGRES_URL else [])
-if os.environ.get("CI") and not POSTGRES_URL:
-    raise RuntimeError("CI must set KEYPLANE_TEST_POSTGRES_URL so the suite runs against PostgreSQL too")
+REDIS_URL = os.environ.get("KEYPLANE_TEST_REDIS_URL")
+# "distributed": PostgreSQL plus Redis for limits, spend, brake and change notices (issue #7's mode).
+BACKENDS = ["sqlite"] + (["postgresql"] if POSTGRES_URL else []) + (
+    ["distributed"] if POSTGRES_URL and REDIS_URL else [])
+if os.environ.get("CI") and not (POSTGRES_URL and REDIS_URL):
+    raise RuntimeError("CI must set KEYPLANE_TEST_POSTGRES_URL and KEYPLANE_TEST_REDIS_URL so the suite runs "
+                       "against PostgreSQL and Redis too")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -37,6 +41,19 @@ async def drop_schema(schema: str) -> None:
     await engine.dispose()
 
 
+async def drop_redis_namespace(namespace: str) -> None:
+    import redis.asyncio as aioredis
+
+    assert REDIS_URL
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
 async def settings_factory(backend: str, tmp_path: Path) -> AsyncIterator[Any]:
     """Makes Settings for this test's store; every call shares the same store (same schema/home)."""
@@ -44,14 +61,18 @@ async def settings_factory(backend: str, tmp_path: Path) -> AsyncIterator[Any]:
 
     def make(**overrides: Any) -> Settings:
         base: dict[str, Any] = {"home": tmp_path / "home", "change_poll_seconds": 0.2, "last_used_flush_seconds": 0.2}
-        if backend == "postgresql":
+        if backend in ("postgresql", "distributed"):
             base.update(database_url=POSTGRES_URL, database_schema=schema, master_key=TEST_MASTER_KEY)
+        if backend == "distributed":
+            base.update(redis_url=REDIS_URL, redis_namespace=schema)
         base.update(overrides)
         return Settings(**base)
 
     yield make
-    if backend == "postgresql":
+    if backend in ("postgresql", "distributed"):
         await drop_schema(schema)
+    if backend == "distributed":
+        await drop_redis_namespace(schema)
 
 
 @pytest.fixture
@@ -141,10 +162,15 @@ async def store_env(backend: str, tmp_path: Path) -> AsyncIterator[dict[str, str
     """Environment for real keyplane processes sharing one store (SQLite home or a PostgreSQL schema)."""
     env = {"KEYPLANE_HOME": str(tmp_path / "home"), "KEYPLANE_CHANGE_POLL_SECONDS": "0.2"}
     schema = f"kp_test_{secrets.token_hex(6)}"
-    if backend == "postgresql":
+    if backend in ("postgresql", "distributed"):
         assert POSTGRES_URL
         env.update(KEYPLANE_DATABASE_URL=POSTGRES_URL, KEYPLANE_DATABASE_SCHEMA=schema,
                    KEYPLANE_MASTER_KEY=TEST_MASTER_KEY)
+    if backend == "distributed":
+        assert REDIS_URL
+        env.update(KEYPLANE_REDIS_URL=REDIS_URL, KEYPLANE_REDIS_NAMESPACE=schema)
     yield env
-    if backend == "postgresql":
+    if backend in ("postgresql", "distributed"):
         await drop_schema(schema)
+    if backend == "distributed":
+        await drop_redis_namespace(schema)

@@ -1,7 +1,9 @@
-"""Real ``keyplane`` processes for end-to-end tests."""
+"""Real ``keyplane`` processes and real HTTP servers for end-to-end tests."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -10,8 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import uvicorn
 
 KEYPLANE = shutil.which("keyplane", path=str(Path(sys.executable).parent)) or "keyplane"
 
@@ -96,3 +101,22 @@ class Server:
     @property
     def logs(self) -> str:
         return "".join(self.stderr)
+
+
+@contextlib.asynccontextmanager
+async def serve(asgi_app: Any, port: int | None = None) -> AsyncIterator[str]:
+    """Serve an ASGI app over real HTTP on loopback, in this event loop."""
+    port = port or free_port()
+    config = uvicorn.Config(asgi_app, host="127.0.0.1", port=port, lifespan="off", log_config=None,
+                            access_log=False, timeout_graceful_shutdown=1)  # a test's hung request must not stall it
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    for _ in range(500):  # uvicorn offers no event for "started"
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -282,3 +282,22 @@ async def test_verify_api_shares_the_rate_limit(client: httpx.AsyncClient, admin
         codes.append(resp.json()["code"])
     assert codes == ["VALID"] * 5 + ["RATE_LIMITED"]
     assert resp.json()["retry_after"] >= 1 and resp.headers["ratelimit-remaining"] == "0"
+
+
+async def test_cached_keys_keep_working_while_the_store_is_unreachable(
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]
+) -> None:
+    _, secret = await create_key(client, admin, limit_profile="free")
+    assert (await client.get(MODELS, headers=key_headers(secret))).status_code == 200
+    app.kp.key_cache.positive.ttl = 0.0  # the cached copy is now past its TTL
+
+    async def store_down(digest: str) -> None:
+        raise ConnectionRefusedError("store down")
+
+    app.kp._load_key = store_down  # type: ignore[assignment,method-assign]
+    assert (await client.get(MODELS, headers=key_headers(secret))).status_code == 200  # stale-if-error
+    never_seen = tokens.generate(tokens.VIRTUAL_KEY_PREFIX)
+    resp = await client.get(MODELS, headers=key_headers(never_seen))
+    assert_error(resp, 503, "store_unavailable")
+    assert resp.headers["retry-after"] == "1"
+    assert "keyplane_stale_credentials_served_total 1.0" in (await client.get("/metrics")).text

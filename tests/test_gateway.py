@@ -3,41 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import text
 
 from keyplane.app import KeyplaneApp
 from tests.conftest import assert_error, bearer, create_key, create_sa
 from tests.fake_upstream import FakeUpstream
-from tests.processes import free_port
+from tests.processes import free_port, serve
 
 UPSTREAM_SECRET = "sk-upstream-SECRET-0123456789abcdef"
 CHAT = "/v1/chat/completions"
-
-
-@contextlib.asynccontextmanager
-async def serve(asgi_app: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app over real HTTP on loopback, in this event loop."""
-    port = free_port()
-    config = uvicorn.Config(asgi_app, host="127.0.0.1", port=port, lifespan="off", log_config=None,
-                            access_log=False)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):  # uvicorn offers no event for "started"
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.fixture

@@ -13,7 +13,12 @@ import httpx
 import pytest
 
 from keyplane.domain import tokens
+from tests.conftest import BACKENDS
 from tests.processes import Server, cli
+
+# Slow multi-process tests run on SQLite and, when available, the distributed mode (PostgreSQL + Redis),
+# which covers PostgreSQL as well.
+PROCESS_BACKENDS = [b for b in BACKENDS if b != "postgresql"] if "distributed" in BACKENDS else BACKENDS
 
 TOKEN_RE = re.compile(r"mcp_sa_[0-9A-Za-z]{32}")
 
@@ -75,6 +80,7 @@ def test_admin_token_from_the_environment(store_env: dict[str, str], tmp_path: P
         server.stop()
 
 
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
 def test_cli_manages_keys_and_a_running_server_notices(
     backend: str, store_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -127,6 +133,7 @@ def test_cli_manages_keys_and_a_running_server_notices(
         server.stop()
 
 
+@pytest.mark.parametrize("backend", PROCESS_BACKENDS)
 def test_concurrent_processes_never_fork_the_chain(backend: str, store_env: dict[str, str], tmp_path: Path) -> None:
     server = Server(store_env, tmp_path)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -38,9 +39,11 @@ async def test_each_code(client: httpx.AsyncClient, admin: dict[str, str]) -> No
 
 
 async def test_expired(client: httpx.AsyncClient, admin: dict[str, str]) -> None:
-    _, secret = await create_key(client, admin, expires_in=1)
+    key, secret = await create_key(client, admin, expires_in=2)
     assert (await verify(client, admin, secret))["code"] == "VALID"
-    await asyncio.sleep(1.1)
+    expires_at = datetime.fromisoformat(key["expires_at"].replace("Z", "+00:00"))
+    # Sleep until just past the stored expiry, whatever the machine's load made of the first call.
+    await asyncio.sleep(max(0.0, (expires_at - datetime.now(UTC)).total_seconds()) + 0.05)
     assert (await verify(client, admin, secret))["code"] == "EXPIRED"
 
 
@@ -126,6 +129,15 @@ async def test_another_process_change_drops_only_what_it_touched(
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as second:
             for secret in (s1, s2):
                 assert (await verify(second, admin, secret))["valid"]
+            # A creation drops nothing: no process can hold a stale copy of a key that did not exist,
+            # and dropping copies would cost stale-if-error its answer during a store outage.
+            _, s3 = await create_key(client, admin, name="three")
+            assert (await verify(second, admin, s3))["valid"]  # cached before the poll sees its creation
+            loads = count_store_loads(other)
+            await other.kp.poll_changes()
+            for secret in (s1, s2, s3):
+                assert (await verify(second, admin, secret))["valid"]
+            assert loads == []
             await client.post(f"/api/v1/keys/{k1['id']}/disable", headers=admin)
             loads = count_store_loads(other)
             await other.kp.poll_changes()

@@ -8,11 +8,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keyplane.domain.errors import KeyplaneError, error_type_for
 
 log = logging.getLogger("keyplane.api")
+
+# What a lost database connection surfaces as (SQLAlchemy's wrappers, or the driver's socket errors).
+STORE_UNREACHABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, DisconnectionError,
+                                                  ConnectionError, TimeoutError)
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
@@ -58,6 +63,13 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, "invalid_request", str(exc.detail), headers=exc.headers)
 
 
+async def _store_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """The database is unreachable: the change was not made (its transaction never committed)."""
+    log.error("store unreachable: %s", type(exc).__name__)
+    return error_response(503, "store_unavailable", "The store cannot be reached right now; nothing was changed. "
+                          "Retry shortly", headers={"Retry-After": "1"})
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
     return error_response(500, "internal_error", "An internal error occurred; it has been logged")
@@ -67,4 +79,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(KeyplaneError, _keyplane_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for unreachable in STORE_UNREACHABLE:
+        app.add_exception_handler(unreachable, _store_unavailable)
     app.add_exception_handler(Exception, _unexpected)

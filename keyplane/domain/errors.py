@@ -55,11 +55,11 @@ class KeyplaneError(Exception):
 BEARER_CHALLENGE = 'Bearer realm="keyplane"'
 
 
-def missing_bearer() -> KeyplaneError:
+def missing_bearer(message: str = "No API key provided: send 'Authorization: Bearer <key>'") -> KeyplaneError:
     return KeyplaneError(
         401,
         "missing_bearer",
-        "No API key provided: send 'Authorization: Bearer <key>'",
+        message,
         headers={"WWW-Authenticate": BEARER_CHALLENGE},
     )
 

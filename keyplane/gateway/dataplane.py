@@ -68,14 +68,15 @@ class DataPlane:
         except KeyplaneError as error:
             await send_error(send, error, admission.headers)
             outcome.status, outcome.code = error.status, error.code
+        if outcome.input_tokens or outcome.output_tokens or outcome.cost_usd:
+            # After the answer went out; counted before this request's task ends.
+            await self.kp.spend.add(key.spend_buckets, outcome.input_tokens + outcome.output_tokens, outcome.cost_usd)
         self._finish(path, outcome, key, ip, started)
 
     def _finish(self, route: str, outcome: Outcome, key: KeySnapshot | None, ip: str, started: float) -> None:
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self.metrics.count(route, outcome.status, outcome.code)
         key_id = key.id if key else None
-        if key is not None and (outcome.input_tokens or outcome.output_tokens or outcome.cost_usd):
-            self.kp.spend.add(key.spend_buckets, outcome.input_tokens + outcome.output_tokens, outcome.cost_usd)
         self.kp.usage_buffer.add({
             "org_id": key.org_id if key else None, "key_id": key_id, "parent_id": key.parent_id if key else None,
             "provider": outcome.provider, "model": outcome.model, "endpoint": route, "status": outcome.status,

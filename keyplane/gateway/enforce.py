@@ -21,7 +21,7 @@ from keyplane.domain.errors import (
 from keyplane.domain.gcra import Verdict
 from keyplane.gateway.asgi import Scope, bearer, header
 from keyplane.gateway.client_ip import ClientAddress
-from keyplane.runtime.limits import FailureBrake, MemoryRateLimiter, ReplayWindow
+from keyplane.runtime.shared import LimitsUnavailable, limits_unavailable
 from keyplane.services.container import Keyplane
 
 
@@ -66,12 +66,12 @@ def refusal_for(code: str, key: policy.KeySnapshot | None, ip: str, missing: str
 
 class Enforcer:
     def __init__(self, kp: Keyplane) -> None:
-        settings = kp.settings
         self.kp = kp
-        self.addresses = ClientAddress(settings.trusted_proxies)
-        self.limiter = MemoryRateLimiter()
-        self.brake = FailureBrake(settings.brake_max_failures, settings.brake_block_seconds)
-        self.replays = ReplayWindow(ttl=2 * signing.MAX_SKEW_SECONDS + 5)
+        self.addresses = ClientAddress(kp.settings.trusted_proxies)
+        # In memory (embedded) or in Redis (distributed): the container picks, by settings.
+        self.limiter = kp.limiter
+        self.brake = kp.brake
+        self.replays = kp.replays
 
     async def admit(self, scope: Scope, required_scope: str, body: bytes) -> Admission:
         ip = self.addresses.of(scope)
@@ -94,7 +94,10 @@ class Enforcer:
         token = bearer(scope)
         if token is None:
             raise Refused(missing_bearer())
-        key = await self.kp.lookup_key(token)
+        try:
+            key = await self.kp.lookup_key(token)
+        except KeyplaneError as exc:  # the store is down and the key is not cached
+            raise Refused(exc) from None
         code, missing = policy.check(key, now, scopes=(required_scope,), ip=ip)
         if code != policy.VALID:
             if code == policy.NOT_FOUND:
@@ -104,12 +107,15 @@ class Enforcer:
         signature = header(scope, b"x-mcp-signature")
         if key.require_signature or signature is not None:
             problem = signing.check(token, header(scope, b"x-mcp-timestamp"), signature, body, now)
-            if problem is None and not self.replays.first_use(f"{key.id}:{signature}", now):
+            if problem is None and not await self.replays.first_use(f"{key.id}:{signature}", now):
                 problem = "This signature was already used: sign every request afresh"
             if problem is not None:
                 self.brake.fail(ip, now)
                 raise Refused(auth_error("invalid_signature", problem), key)
-        verdict = await self.limiter.acquire(key.buckets, now)
+        try:
+            verdict = await self.limiter.acquire(key.buckets, now)
+        except LimitsUnavailable:
+            raise Refused(limits_unavailable(), key) from None
         headers = verdict.headers() if verdict is not None else []
         if verdict is not None and not verdict.allowed:
             raise Refused(rate_limited(verdict), key, headers)

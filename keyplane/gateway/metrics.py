@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -32,6 +33,20 @@ class _CacheCollector(Collector):
         yield hits
         yield misses
         yield size
+        yield CounterMetricFamily("keyplane_stale_credentials_served",
+                                  "Cached credentials served past their TTL because the store was unreachable",
+                                  value=self.kp.key_cache.stale_served + self.kp.sa_cache.stale_served)
+        shared = self.kp.shared
+        if shared is not None:
+            yield GaugeMetricFamily("keyplane_redis_up", "1 while Redis answers, 0 while it does not",
+                                    value=1 if shared.up else 0)
+            yield CounterMetricFamily("keyplane_redis_errors", "Redis operations that failed", value=shared.errors)
+            yield CounterMetricFamily("keyplane_redis_fallbacks",
+                                      "Decisions taken in-process because Redis was unreachable (fail_open)",
+                                      value=shared.fallbacks)
+        if self.kp.bus is not None:
+            yield CounterMetricFamily("keyplane_change_notices_received",
+                                      "Cache invalidations received from other processes", value=self.kp.bus.received)
         buffer = self.kp.usage_buffer
         yield CounterMetricFamily("keyplane_usage_events_written", "Usage events written to the store",
                                   value=buffer.written)
@@ -44,6 +59,22 @@ class _CacheCollector(Collector):
         deliveries.add_metric(["delivered"], self.kp.alerts.delivered)
         deliveries.add_metric(["failed"], self.kp.alerts.failed)
         yield deliveries
+
+
+class _ToolCallSource(Protocol):
+    def tool_calls(self) -> dict[tuple[str, str], int]: ...
+
+
+class _McpCollector(Collector):
+    def __init__(self, source: _ToolCallSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        calls = CounterMetricFamily("keyplane_mcp_tool_calls", "MCP tool calls by tool and outcome",
+                                    labels=["tool", "outcome"])
+        for (tool, outcome), n in sorted(self.source.tool_calls().items()):
+            calls.add_metric([tool, outcome], n)
+        yield calls
 
 
 class Metrics:
@@ -60,6 +91,9 @@ class Metrics:
         )
         self.registry.register(_CacheCollector(kp))
         self._children: dict[tuple[str, int, str], object] = {}
+
+    def watch_mcp(self, endpoint: _ToolCallSource) -> None:
+        self.registry.register(_McpCollector(endpoint))
 
     def count(self, route: str, status: int, code: str) -> None:
         key = (route, status, code)

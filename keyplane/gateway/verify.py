@@ -13,6 +13,7 @@ from keyplane.domain.scopes import CONTROL_PLANE_ROUTES
 from keyplane.gateway.asgi import BodyTooLarge, Receive, Scope, Send, bearer, read_body, send_error, send_json
 from keyplane.gateway.enforce import Enforcer
 from keyplane.gateway.metrics import Metrics
+from keyplane.runtime.shared import LimitsUnavailable, limits_unavailable
 from keyplane.services.container import Keyplane
 from keyplane.services.schemas import VerifyRequest
 
@@ -71,7 +72,13 @@ class VerifyEndpoint:
         headers: list[tuple[bytes, bytes]] = []
         retry_after = None
         if code == policy.VALID and key is not None:
-            verdict = await self.limiter.acquire(key.buckets)
+            try:
+                verdict = await self.limiter.acquire(key.buckets)
+            except LimitsUnavailable:
+                error = limits_unavailable()
+                await send_error(send, error)
+                self.metrics.count(VERIFY_PATH, error.status, error.code)
+                return
             if verdict is not None:
                 headers = verdict.headers()
                 if not verdict.allowed:

@@ -40,10 +40,14 @@ class TTLCache(Generic[V]):
             return None
         stored_at, value, _tags = item
         if (now if now is not None else time.monotonic()) - stored_at > self.ttl:
-            self._remove(key)
-            return None
+            return None  # expired, but kept (LRU-bounded) as a last resort while the store is down
         self._data.move_to_end(key)
         return value
+
+    def stale(self, key: str) -> V | None:
+        """An entry past its TTL that no invalidation has dropped."""
+        item = self._data.get(key)
+        return item[1] if item is not None else None
 
     def put(self, key: str, value: V, tags: Iterable[str] = ()) -> None:
         if key in self._data:
@@ -89,6 +93,7 @@ class CredentialCache(Generic[V]):
         self._inflight: dict[str, asyncio.Future[V | None]] = {}
         self.hits = 0
         self.misses = 0
+        self.stale_served = 0
         # Bumped on every invalidation: a load that started before one must not cache its result.
         self._generation = 0
 
@@ -118,9 +123,19 @@ class CredentialCache(Generic[V]):
         generation = self._generation
         try:
             value = await loader(digest)
-        except BaseException as exc:
+        except Exception as exc:
+            # Store unreachable: serve what we had unless a change notice dropped it (stale-if-error).
+            stale = self.positive.stale(digest) if generation == self._generation else None
+            if stale is not None:
+                self.stale_served += 1
+                fut.set_result(stale)
+                return stale
             fut.set_exception(exc)
             fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()
             raise
         finally:
             self._inflight.pop(digest, None)

@@ -60,6 +60,10 @@ class FailureBrake:
             return 0.0
         return until - now
 
+    def block(self, ip: str, now: float, seconds: float | None = None) -> None:
+        """Refuse ``ip`` for a while (another process's verdict, in distributed mode)."""
+        self._blocked[ip] = now + (self.block_seconds if seconds is None else seconds)
+
     def fail(self, ip: str, now: float) -> None:
         start, count = self._failures.get(ip, (now, 0))
         if now - start > self.window:
@@ -82,7 +86,7 @@ class ReplayWindow:
         self._seen: dict[str, float] = {}
         self._next_prune = 0.0
 
-    def first_use(self, signature: str, now: float) -> bool:
+    async def first_use(self, signature: str, now: float) -> bool:
         if now >= self._next_prune:
             self._seen = {k: v for k, v in self._seen.items() if v > now}
             self._next_prune = now + 10

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from keyplane.domain.policy import Limits
@@ -94,3 +95,21 @@ class SpendLedger:
             self._day[bucket] = (day, (spent if at_day == day else 0.0) + cost_usd)
             at_month, spent_m = self._month.get(bucket, (month, 0.0))
             self._month[bucket] = (month, (spent_m if at_month == month else 0.0) + cost_usd)
+
+
+class LocalSpend:
+    """Embedded mode: the ledger in this process, each bucket seeded from the store on first use."""
+
+    def __init__(self, spent_so_far: Callable[[str], Awaitable[tuple[float, float]]]) -> None:
+        self.ledger = SpendLedger()
+        self.spent_so_far = spent_so_far
+
+    async def check(self, buckets: tuple[tuple[str, Limits], ...]) -> Exhausted | None:
+        for bucket, _limits in buckets:
+            if self.ledger.needs_seed(bucket):
+                day, month = await self.spent_so_far(bucket)
+                self.ledger.seed(bucket, day, month)
+        return self.ledger.check(buckets)
+
+    async def add(self, buckets: tuple[str, ...], tokens: int, cost_usd: float) -> None:
+        self.ledger.add(buckets, tokens, cost_usd)

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
 import orjson
 from sqlalchemy import case, func, or_, select, update
 
@@ -187,6 +186,8 @@ class AlertService:
 
     async def deliver(self, url: str, secret: str, payload: dict[str, Any]) -> bool:
         body = orjson.dumps(payload)
+        import aiohttp  # only when a webhook is due: keeps the CLI's start-up light
+
         async with aiohttp.ClientSession() as session:
             for attempt, delay in enumerate((0.0, *self.retry_delays)):
                 if delay:

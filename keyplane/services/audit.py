@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyplane.domain import audit_chain
 from keyplane.domain.errors import invalid_request, not_found
+from keyplane.logs import redact
 from keyplane.services.pagination import decode_cursor, page
 from keyplane.services.principal import Principal
 from keyplane.store.db import Database
@@ -34,6 +35,20 @@ def parse_since(value: str) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
+_SECRET_FIELDS = ("secret", "token", "api_key", "password")
+
+
+def redact_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Arguments as an audit entry may hold them: secret-named fields dropped, token-shaped text masked."""
+    clean: dict[str, Any] = {}
+    for name, value in arguments.items():
+        if any(word in name.lower() for word in _SECRET_FIELDS):
+            clean[name] = "[redacted]"
+        else:
+            clean[name] = json.loads(redact(json.dumps(value, default=str)))
+    return clean
+
+
 async def append(
     session: AsyncSession,
     principal: Principal,
@@ -54,6 +69,10 @@ async def append(
         )
     ).scalar_one()
     details = details or {}
+    if principal.via is not None:
+        # A change made through an MCP tool is recorded as that tool call; what it did stays in details.
+        details = {"change": action, "arguments": redact_arguments(principal.via.arguments), **details}
+        action = principal.via.tool
     seq = org.audit_seq + 1
     time = rfc3339(datetime.now(UTC))
     payload = audit_chain.entry_payload(seq, time, principal.label, action, target, details)

@@ -6,18 +6,30 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
 
 from keyplane.config import Settings
-from keyplane.domain import tokens
+from keyplane.domain import signing, tokens
 from keyplane.domain.errors import KeyplaneError, invalid_api_key, missing_bearer
 from keyplane.domain.policy import KeySnapshot
 from keyplane.domain.secrets_box import SecretBox
 from keyplane.runtime.access_log import AccessLog
 from keyplane.runtime.cache import ABSENT, CredentialCache
-from keyplane.runtime.spend import Exhausted, SpendLedger
+from keyplane.runtime.limits import FailureBrake, MemoryRateLimiter, ReplayWindow
+from keyplane.runtime.shared import (
+    ChangeBus,
+    LimitsUnavailable,
+    SharedBrake,
+    SharedRateLimiter,
+    SharedReplayWindow,
+    SharedSpend,
+    SharedState,
+    limits_unavailable,
+)
+from keyplane.runtime.spend import Exhausted, LocalSpend
 from keyplane.runtime.usage_buffer import UsageBuffer
 from keyplane.runtime.usage_tracker import LastUsedTracker
 from keyplane.services import credentials
@@ -48,6 +60,20 @@ class Bootstrap:
     admin_token: str | None = None
 
 
+def store_unavailable(exc: BaseException) -> KeyplaneError:
+    log.error("store unreachable while loading a credential: %s", type(exc).__name__)
+    return KeyplaneError(503, "store_unavailable", "The key store cannot be reached right now; retry shortly",
+                         headers={"Retry-After": "1"})
+
+
+# Audited creations: the poll skips them (a new secret's negative-cache entry is dropped by the
+# writer and, across processes, by the change bus's ``new_secret`` message).
+NOTHING_CACHED_YET = frozenset({
+    "virtual_key.create", "keyplane_create_virtual_key", "service_account.create",
+    "limit_profile.create", "organization.create",
+})
+
+
 class CacheInvalidator:
     """Drops cached credentials in this process when the service layer changes them."""
 
@@ -60,31 +86,52 @@ class CacheInvalidator:
         self.keys = keys
         self.accounts = accounts
         self.routes = routes
+        # Distributed mode: every drop is also published, so every other process drops it too.
+        self.publish: Callable[[str, str], None] | None = None
 
     def key(self, key_id: str) -> None:
-        self.keys.invalidate(key_id)
+        self.apply("key", key_id)
 
     def service_account(self, sa_id: str) -> None:
-        self.accounts.invalidate(sa_id)
+        self.apply("service_account", sa_id)
 
     def new_secret(self, digest: str) -> None:
-        self.keys.forget_negative(digest)
-        self.accounts.forget_negative(digest)
+        self.apply("new_secret", digest)
 
     def all(self) -> None:
-        self.keys.clear()
-        self.accounts.clear()
-        self.routes.clear()
+        self.apply("all", "")
+
+    def apply(self, kind: str, target: str, *, publish: bool = True) -> None:
+        if kind == "key":
+            self.keys.invalidate(target)
+        elif kind == "service_account":
+            self.accounts.invalidate(target)
+        elif kind == "new_secret":
+            self.keys.forget_negative(target)
+            self.accounts.forget_negative(target)
+        else:
+            self.keys.clear()
+            self.accounts.clear()
+            self.routes.clear()
+        if publish and self.publish is not None:
+            self.publish(kind, target)
 
     def changed(self, action: str, target: str) -> None:
         """Drop what one audited change (``action`` on ``target``) may have made stale."""
+        if action in NOTHING_CACHED_YET:
+            # Nothing can hold a stale copy of something just made; dropping the target anyway
+            # would also throw away the copy stale-if-error needs if the store goes down next.
+            return
         kind = action.partition(".")[0]
+        if kind.startswith("keyplane_") and kind.endswith("_virtual_key"):
+            kind = "virtual_key"  # an MCP tool call on a key (the tool name is the audited action)
+        # Found by polling the shared audit log: every process finds it itself, so nothing is published.
         if kind == "virtual_key":
-            self.key(target)
+            self.apply("key", target, publish=False)
         elif kind == "service_account":
-            self.service_account(target)
+            self.apply("service_account", target, publish=False)
         elif kind not in ("alert", "alert_rule"):
-            self.all()  # limit profiles, providers, organizations: rare, and felt by many keys
+            self.apply("all", "", publish=False)  # profiles, providers, organizations: rare, felt by many keys
 
 
 class Keyplane:
@@ -121,13 +168,49 @@ class Keyplane:
         self._box: SecretBox | None = None
         self.providers = ProviderService(self.db, self.invalidator, self.secret_box)
         self.usage_buffer = UsageBuffer()
-        self.spend = SpendLedger()
         self.usage = UsageService(self.db)
+        self._init_limits(settings)
         self.recommendations = RecommendationService(self.db)
         self.alerts = AlertService(self.db, self.usage, self.secret_box)
         self.organizations = OrganizationService(self.db)
         self._tasks: list[asyncio.Task[None]] = []
         self._heads: dict[str, int] | None = None  # org id -> audit seq this process has caught up with
+
+    def _init_limits(self, settings: Settings) -> None:
+        """Limits, brake, replay window and spend: in this process, or shared through Redis."""
+        replay_ttl = 2 * signing.MAX_SKEW_SECONDS + 5
+        self.shared: SharedState | None = None
+        self.bus: ChangeBus | None = None
+        self.limiter: MemoryRateLimiter | SharedRateLimiter
+        self.brake: FailureBrake
+        self.replays: ReplayWindow | SharedReplayWindow
+        self.spend: LocalSpend | SharedSpend
+        if not settings.redis_url:
+            self.limiter = MemoryRateLimiter()
+            self.brake = FailureBrake(settings.brake_max_failures, settings.brake_block_seconds)
+            self.replays = ReplayWindow(replay_ttl)
+            self.spend = LocalSpend(self.usage.spent_so_far)
+            return
+        shared = self.shared = SharedState(settings.redis_url, fail_mode=settings.redis_fail_mode,
+                                           timeout=settings.redis_timeout_seconds,
+                                           namespace=settings.redis_namespace,
+                                           max_connections=settings.redis_max_connections)
+        self.limiter = SharedRateLimiter(shared)
+        brake = SharedBrake(shared, settings.brake_max_failures, settings.brake_block_seconds)
+        self.brake = brake
+        self.replays = SharedReplayWindow(shared, replay_ttl)
+        self.spend = SharedSpend(shared, self.usage.spent_so_far)
+        self.bus = brake.bus = ChangeBus(shared, self._on_notice)
+        self.invalidator.publish = self.bus.publish
+
+    def _on_notice(self, kind: str, target: str) -> None:
+        """A change another process published."""
+        if kind == "brake":
+            ip, _, seconds = target.rpartition("|")
+            with contextlib.suppress(ValueError):
+                self.brake.block(ip, time.time(), float(seconds))
+            return
+        self.invalidator.apply(kind, target, publish=False)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -160,18 +243,36 @@ class Keyplane:
             asyncio.create_task(self._every(self.settings.alert_interval_seconds, self.alerts.evaluate),
                                 name="alerts"),
         ]
+        if self.bus is not None:
+            self._tasks += [asyncio.create_task(self.bus.run_publisher(), name="publish-changes"),
+                            asyncio.create_task(self.bus.run_subscriber(), name="subscribe-changes")]
+            with contextlib.suppress(asyncio.TimeoutError):  # unreachable Redis does not stop a start
+                await asyncio.wait_for(self.bus.connected.wait(), 2.0)
         return boot
 
     async def stop(self) -> None:
+        if self.bus is not None:
+            self.bus.stop()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        done, pending = await asyncio.wait(self._tasks, timeout=5) if self._tasks else (set(), set())
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("background task %s ended with %r", task.get_name(), task.exception())
+        if pending:
+            log.warning("background tasks did not stop in time: %s", ", ".join(t.get_name() for t in pending))
         self._tasks = []
         self.access_log.flush()
         await self.flush()
         await self.flush_usage()
+        await self.close()
+
+    async def close(self) -> None:
+        """Release connections (the CLI calls this too, after publishing its change notices)."""
+        if self.bus is not None:
+            await self.bus.flush()
+        if self.shared is not None:
+            await self.shared.close()
         await self.db.dispose()
 
     async def _every(self, seconds: float, job: object) -> None:
@@ -232,7 +333,10 @@ class Keyplane:
             return cached  # type: ignore[return-value]  # only well-formed keys are ever cached
         if not tokens.is_well_formed(token, tokens.VIRTUAL_KEY_PREFIX):
             return None  # refused on shape and checksum, without a store lookup
-        return await self.key_cache.load(digest, self._load_key, _key_tags)
+        try:
+            return await self.key_cache.load(digest, self._load_key, _key_tags)
+        except Exception as exc:
+            raise store_unavailable(exc) from None
 
     async def _load_key(self, digest: str) -> KeySnapshot | None:
         return await credentials.load_key(self.db, digest)
@@ -249,7 +353,10 @@ class Keyplane:
         elif cached is not None:
             principal = cached  # type: ignore[assignment]
         else:
-            principal = await self.sa_cache.load(digest, self._load_sa, lambda p: (p.id,))
+            try:
+                principal = await self.sa_cache.load(digest, self._load_sa, lambda p: (p.id,))
+            except Exception as exc:
+                raise store_unavailable(exc) from None
         if principal is None:
             raise invalid_api_key("The service-account token is malformed, invalid or revoked")
         return principal
@@ -278,11 +385,10 @@ class Keyplane:
         """Is a token, daily-cost or monthly budget window of this key or a parent already spent?"""
         if not key.spend_limits:
             return None
-        for bucket, _limits in key.spend_limits:
-            if self.spend.needs_seed(bucket):
-                day, month = await self.usage.spent_so_far(bucket)
-                self.spend.seed(bucket, day, month)
-        return self.spend.check(key.spend_limits)
+        try:
+            return await self.spend.check(key.spend_limits)
+        except LimitsUnavailable:
+            raise limits_unavailable() from None
 
     async def flush_usage(self) -> None:
         batch = self.usage_buffer.take()
