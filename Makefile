@@ -24,7 +24,7 @@ serve: $(VENV)/.run-installed
 
 test: $(VENV)/.test-installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup  # two workers; see PROCESS_TEST_MODULES in tests/conftest.py
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .

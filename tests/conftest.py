@@ -28,6 +28,18 @@ if os.environ.get("CI") and not (POSTGRES_URL and REDIS_URL):
                        "against PostgreSQL and Redis too")
 
 
+# Tests that run keyplane as real server processes. Under pytest-xdist (`make test` runs two workers)
+# they share one group, so they run one after another on one worker and their timing-sensitive
+# measurements (revocation delay, shared limits) never compete with each other for the two cores.
+PROCESS_TEST_MODULES = frozenset({"test_distributed", "test_quickstart_process", "test_connect"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in PROCESS_TEST_MODULES:
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -21,7 +21,7 @@ from keyplane.domain.errors import (
 from keyplane.domain.gcra import Verdict
 from keyplane.gateway.asgi import Scope, bearer, header
 from keyplane.gateway.client_ip import ClientAddress
-from keyplane.runtime.shared import LimitsUnavailable, limits_unavailable
+from keyplane.runtime.limits import LimitsUnavailable, limits_unavailable
 from keyplane.services.container import Keyplane
 
 

@@ -13,7 +13,7 @@ from keyplane.domain.scopes import CONTROL_PLANE_ROUTES
 from keyplane.gateway.asgi import BodyTooLarge, Receive, Scope, Send, bearer, read_body, send_error, send_json
 from keyplane.gateway.enforce import Enforcer
 from keyplane.gateway.metrics import Metrics
-from keyplane.runtime.shared import LimitsUnavailable, limits_unavailable
+from keyplane.runtime.limits import LimitsUnavailable, limits_unavailable
 from keyplane.services.container import Keyplane
 from keyplane.services.schemas import VerifyRequest
 

@@ -6,6 +6,17 @@ import time
 from collections.abc import Sequence
 
 from keyplane.domain import gcra
+from keyplane.domain.errors import KeyplaneError
+
+
+class LimitsUnavailable(Exception):
+    """Shared limit state (Redis) is down and the fail mode is ``closed``."""
+
+
+def limits_unavailable() -> KeyplaneError:
+    return KeyplaneError(503, "limits_unavailable",
+                         "Rate limits cannot be checked right now (shared state unreachable); retry shortly",
+                         headers={"Retry-After": "1"})
 
 
 class MemoryRateLimiter:

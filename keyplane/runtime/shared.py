@@ -31,9 +31,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from keyplane.domain import gcra
-from keyplane.domain.errors import KeyplaneError
 from keyplane.domain.policy import Limits
-from keyplane.runtime.limits import FailureBrake, MemoryRateLimiter, ReplayWindow
+from keyplane.runtime.limits import FailureBrake, LimitsUnavailable, MemoryRateLimiter, ReplayWindow
 from keyplane.runtime.spend import Exhausted, LocalSpend, day_end, month_end, windows
 
 log = logging.getLogger("keyplane.redis")
@@ -102,16 +101,6 @@ for i = 1, #KEYS do
 end
 return 1
 """
-
-
-class LimitsUnavailable(Exception):
-    """Redis is down and the fail mode is ``closed``."""
-
-
-def limits_unavailable() -> KeyplaneError:
-    return KeyplaneError(503, "limits_unavailable",
-                         "Rate limits cannot be checked right now (shared state unreachable); retry shortly",
-                         headers={"Retry-After": "1"})
 
 
 class SharedState:

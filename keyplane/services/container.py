@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
@@ -18,15 +19,11 @@ from keyplane.domain.policy import KeySnapshot
 from keyplane.domain.secrets_box import SecretBox
 from keyplane.runtime.access_log import AccessLog
 from keyplane.runtime.cache import ABSENT, CredentialCache
-from keyplane.runtime.limits import FailureBrake, MemoryRateLimiter, ReplayWindow
-from keyplane.runtime.shared import (
-    ChangeBus,
+from keyplane.runtime.limits import (
+    FailureBrake,
     LimitsUnavailable,
-    SharedBrake,
-    SharedRateLimiter,
-    SharedReplayWindow,
-    SharedSpend,
-    SharedState,
+    MemoryRateLimiter,
+    ReplayWindow,
     limits_unavailable,
 )
 from keyplane.runtime.spend import Exhausted, LocalSpend
@@ -46,6 +43,15 @@ from keyplane.services.usage import UsageService
 from keyplane.store import master_key, migrate
 from keyplane.store.db import Database
 from keyplane.store.models import AuditEvent, Organization
+
+if TYPE_CHECKING:  # imported when Redis is configured: the CLI and single-process runs skip loading redis
+    from keyplane.runtime.shared import (
+        ChangeBus,
+        SharedRateLimiter,
+        SharedReplayWindow,
+        SharedSpend,
+        SharedState,
+    )
 
 log = logging.getLogger("keyplane")
 _KEY_LENGTH = len(tokens.VIRTUAL_KEY_PREFIX) + tokens.BODY_LEN
@@ -191,6 +197,15 @@ class Keyplane:
             self.replays = ReplayWindow(replay_ttl)
             self.spend = LocalSpend(self.usage.spent_so_far)
             return
+        from keyplane.runtime.shared import (
+            ChangeBus,
+            SharedBrake,
+            SharedRateLimiter,
+            SharedReplayWindow,
+            SharedSpend,
+            SharedState,
+        )
+
         shared = self.shared = SharedState(settings.redis_url, fail_mode=settings.redis_fail_mode,
                                            timeout=settings.redis_timeout_seconds,
                                            namespace=settings.redis_namespace,

@@ -3,20 +3,40 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from keyplane.store.db import Database
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any fixed number: every keyplane process takes this PostgreSQL advisory lock before migrating.
 _PG_MIGRATION_LOCK = 0x6B657970
 
 
+def head_revision() -> str:
+    """The newest migration's revision. Each file in versions/ is named after its revision (``NNNN_…``);
+    a test holds this equal to Alembic's own head."""
+    return max(p.name.partition("_")[0] for p in (MIGRATIONS_DIR / "versions").glob("[0-9]*_*.py"))
+
+
+async def current_revision(db: Database) -> str | None:
+    """The store's schema revision, or None for a store that has none yet (or cannot be read)."""
+    try:
+        async with db.read_engine.connect() as conn:
+            return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one_or_none()
+    except SQLAlchemyError:
+        return None
+
+
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -24,12 +44,17 @@ def alembic_config(url: str) -> Config:
 
 
 def _upgrade(connection: Connection, url: str) -> None:
+    from alembic import command
+
     cfg = alembic_config(url)
     cfg.attributes["connection"] = connection
     command.upgrade(cfg, "head")
 
 
 async def upgrade(db: Database) -> None:
+    if await current_revision(db) == head_revision():
+        # Already current: no lock, and no Alembic import (a third of a CLI command's start-up).
+        return
     async with db.write_engine.connect() as conn:
         if not db.is_sqlite:
             if db.schema:

@@ -1,0 +1,53 @@
+"""Schema migrations: a new store, an older store and a current one (which skips Alembic entirely)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect
+
+from keyplane.store import migrate
+from keyplane.store.db import Database
+
+
+def test_head_revision_is_alembics_head() -> None:
+    script = ScriptDirectory.from_config(migrate.alembic_config("sqlite://"))
+    assert script.get_heads() == [migrate.head_revision()]
+
+
+async def test_new_older_and_current_stores(settings_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_factory()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.effective_database_url, settings.database_schema)
+    try:
+        assert await migrate.current_revision(db) is None
+        await migrate.upgrade(db)
+        assert await migrate.current_revision(db) == migrate.head_revision()
+
+        # A store left at an older revision is brought up to date.
+        def downgrade(connection: Any) -> None:
+            cfg = migrate.alembic_config(db.url)
+            cfg.attributes["connection"] = connection
+            command.downgrade(cfg, "0002")
+
+        async with db.write_engine.connect() as conn:
+            await conn.run_sync(downgrade)
+            await conn.commit()
+        assert await migrate.current_revision(db) == "0002"
+        await migrate.upgrade(db)
+        assert await migrate.current_revision(db) == migrate.head_revision()
+        async with db.read_engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: inspect(c).get_table_names())
+        assert "alert_rules" in tables
+
+        # A current store: nothing to run, so Alembic is not even called.
+        def must_not_run(*_: Any) -> None:
+            raise AssertionError("Alembic ran on a store that was already current")
+
+        monkeypatch.setattr(migrate, "_upgrade", must_not_run)
+        await migrate.upgrade(db)
+    finally:
+        await db.dispose()
