@@ -234,6 +234,48 @@ async def test_brute_force_brake(make_client: Any) -> None:
         assert (await other.get(MODELS, headers=key_headers(secret))).status_code == 200
 
 
+async def test_bad_service_account_tokens_brake_the_address_on_every_surface(make_client: Any) -> None:
+    """Guessing service-account tokens (the most powerful credential) counts towards the same brake as
+    guessing virtual keys, on the REST API, the verify endpoint, the MCP server and the dashboard's
+    sign-in; once braked, the address is refused everywhere, even with a good token."""
+    app, attacker = await make_client(ip="203.0.113.77", brake_max_failures=5, brake_block_seconds=30)
+    assert app.bootstrap is not None and app.bootstrap.admin_token
+    admin = key_headers(app.bootstrap.admin_token)
+    _, secret = await create_key(attacker, admin)
+
+    def guess() -> dict[str, str]:
+        return key_headers(tokens.generate(tokens.SERVICE_ACCOUNT_PREFIX))
+
+    assert_error(await attacker.get("/api/v1/keys", headers=guess()), 401, "invalid_api_key")
+    assert_error(await attacker.get("/api/v1/keys", headers=key_headers("mcp_sa_malformed")), 401,
+                 "invalid_api_key")
+    assert_error(await attacker.post("/api/v1/keys/verify", json={"key": secret}, headers=guess()), 401,
+                 "invalid_api_key")
+    mcp = await attacker.post("/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                              headers={**guess(), "Accept": "application/json, text/event-stream"})
+    assert_error(mcp, 401, "invalid_api_key")
+    # A request without any token is not a guess: it does not count.
+    assert_error(await attacker.get("/api/v1/keys"), 401, "missing_bearer")
+    login = await attacker.post("/ui/login", data={"token": tokens.generate(tokens.SERVICE_ACCOUNT_PREFIX)})
+    assert login.status_code == 401  # the fifth guess: braked from here on
+
+    for resp in (
+        await attacker.get("/api/v1/keys", headers=admin),
+        await attacker.post("/api/v1/keys/verify", json={"key": secret}, headers=admin),
+        await attacker.post("/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                            headers={**admin, "Accept": "application/json, text/event-stream"}),
+        await attacker.get(MODELS, headers=key_headers(secret)),
+    ):
+        err = assert_error(resp, 429, "rate_limited")
+        assert err["limit"] == "failed_authentications" and int(resp.headers["retry-after"]) >= 1
+    login = await attacker.post("/ui/login", data={"token": app.bootstrap.admin_token})
+    assert login.status_code == 429 and "Too many failed authentications" in login.text
+    assert "set-cookie" not in login.headers
+    transport = httpx.ASGITransport(app=app, client=("198.51.100.2", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://keyplane.test") as other:
+        assert (await other.get("/api/v1/keys", headers=admin)).status_code == 200
+
+
 async def test_metrics_and_one_log_line_per_request(
     app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]
 ) -> None:

@@ -25,7 +25,8 @@ def keyplane_of(request: Request) -> Keyplane:
 async def principal(request: Request) -> Principal:
     """FastAPI dependency on every control-plane router (never on the data plane)."""
     kp = keyplane_of(request)
-    who = await kp.authenticate_service_account(bearer_token(request.headers.get("authorization")))
+    who = await kp.authenticate_service_account(bearer_token(request.headers.get("authorization")),
+                                               kp.client_address.of(request.scope))
     route = request.scope.get("route")
     template = getattr(route, "path_format", request.url.path)
     scope = CONTROL_PLANE_ROUTES.get((request.method, template))

@@ -226,9 +226,10 @@ class Dashboard:
         form = await request.form()
         token = str(form.get("token") or "").strip()
         try:
-            await self.kp.authenticate_service_account(token)
+            # Wrong tokens count towards the failed-authentication brake of the caller's address.
+            await self.kp.authenticate_service_account(token, self.kp.client_address.of(request.scope))
         except KeyplaneError as exc:
-            return self._render(request, "login.html", None, None, status=401, next=target,
+            return self._render(request, "login.html", None, None, status=exc.status, next=target,
                                 error=f"{exc.message} ({exc.code})")
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(COOKIE, seal(self.kp.secret_box(), new_session(token)), max_age=LIFETIME_SECONDS,

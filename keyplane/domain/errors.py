@@ -73,6 +73,14 @@ def invalid_api_key(message: str = "The API key provided is invalid or has been 
     )
 
 
+def too_many_failed_authentications(blocked_for: float) -> KeyplaneError:
+    """The failed-authentication brake: this address sent too many bad credentials recently."""
+    seconds = max(1, int(blocked_for + 0.999))
+    return KeyplaneError(429, "rate_limited", "Too many failed authentications from this address; retry later",
+                         headers={"Retry-After": str(seconds)},
+                         extra={"limit": "failed_authentications", "retry_after": seconds})
+
+
 def auth_error(code: str, message: str) -> KeyplaneError:
     return KeyplaneError(
         401, code, message, headers={"WWW-Authenticate": f'{BEARER_CHALLENGE}, error="invalid_token"'}

@@ -17,10 +17,10 @@ from keyplane.domain.errors import (
     insufficient_scope,
     invalid_api_key,
     missing_bearer,
+    too_many_failed_authentications,
 )
 from keyplane.domain.gcra import Verdict
 from keyplane.gateway.asgi import Scope, bearer, header
-from keyplane.gateway.client_ip import ClientAddress
 from keyplane.runtime.limits import LimitsUnavailable, limits_unavailable
 from keyplane.services.container import Keyplane
 
@@ -67,7 +67,7 @@ def refusal_for(code: str, key: policy.KeySnapshot | None, ip: str, missing: str
 class Enforcer:
     def __init__(self, kp: Keyplane) -> None:
         self.kp = kp
-        self.addresses = ClientAddress(kp.settings.trusted_proxies)
+        self.addresses = kp.client_address
         # In memory (embedded) or in Redis (distributed): the container picks, by settings.
         self.limiter = kp.limiter
         self.brake = kp.brake
@@ -85,12 +85,7 @@ class Enforcer:
         now = time.time()
         blocked = self.brake.blocked_for(ip, now)
         if blocked:
-            seconds = max(1, int(blocked + 0.999))
-            raise Refused(
-                KeyplaneError(429, "rate_limited", "Too many failed authentications from this address; retry later",
-                              extra={"limit": "failed_authentications", "retry_after": seconds}),
-                headers=[(b"retry-after", str(seconds).encode())],
-            )
+            raise Refused(too_many_failed_authentications(blocked))
         token = bearer(scope)
         if token is None:
             raise Refused(missing_bearer())

@@ -51,7 +51,7 @@ class VerifyEndpoint:
             await send_error(send, KeyplaneError(405, "method_not_allowed", "Use POST"), _ALLOW_POST)
             return
         try:
-            caller = await self.kp.authenticate_service_account(bearer(scope))
+            caller = await self.kp.authenticate_service_account(bearer(scope), self.kp.client_address.of(scope))
             caller.require(_REQUIRED_SCOPE)
             try:
                 raw = await read_body(receive, self.max_body, scope)

@@ -58,7 +58,7 @@ class McpGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             token = self._token(scope)
-            principal = await self.kp.authenticate_service_account(token)
+            principal = await self.kp.authenticate_service_account(token, self.kp.client_address.of(scope))
             body: bytes | None = None
             if scope["method"] == "POST":
                 body = await read_body(receive, MAX_MCP_BODY_BYTES, scope)

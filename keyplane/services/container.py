@@ -14,11 +14,17 @@ from sqlalchemy import select
 
 from keyplane.config import Settings
 from keyplane.domain import signing, tokens
-from keyplane.domain.errors import KeyplaneError, invalid_api_key, missing_bearer
+from keyplane.domain.errors import (
+    KeyplaneError,
+    invalid_api_key,
+    missing_bearer,
+    too_many_failed_authentications,
+)
 from keyplane.domain.policy import KeySnapshot
 from keyplane.domain.secrets_box import SecretBox
 from keyplane.runtime.access_log import AccessLog
 from keyplane.runtime.cache import ABSENT, CredentialCache
+from keyplane.runtime.client_ip import ClientAddress
 from keyplane.runtime.limits import (
     FailureBrake,
     LimitsUnavailable,
@@ -161,6 +167,9 @@ class Keyplane:
         self.invalidator = CacheInvalidator(self.key_cache, self.sa_cache, self.routes)
         self.tracker = LastUsedTracker()
         self.access_log = AccessLog()
+        # Who is calling: one resolution (socket peer, or X-Forwarded-For behind a trusted proxy) for
+        # the data plane's brake and allowlists and the control plane's brake alike.
+        self.client_address = ClientAddress(settings.trusted_proxies)
         self.keys = KeyService(
             self.db,
             self.invalidator,
@@ -356,10 +365,18 @@ class Keyplane:
     async def _load_key(self, digest: str) -> KeySnapshot | None:
         return await credentials.load_key(self.db, digest)
 
-    async def authenticate_service_account(self, token: str | None) -> Principal:
+    async def authenticate_service_account(self, token: str | None, ip: str | None = None) -> Principal:
+        """The principal behind a service-account token. With the caller's ``ip`` (every network
+        adapter passes it), bad tokens count towards the same failed-authentication brake as bad
+        virtual keys on the data plane, and a braked address is refused before any lookup."""
+        if ip is not None:
+            blocked = self.brake.blocked_for(ip, time.time())
+            if blocked:
+                raise too_many_failed_authentications(blocked)
         if not token:
             raise missing_bearer()
         if not tokens.is_well_formed(token, tokens.SERVICE_ACCOUNT_PREFIX):
+            self._failed_authentication(ip)
             raise invalid_api_key("The service-account token is malformed, invalid or revoked")
         digest = tokens.hash_token(token)
         cached = self.sa_cache.peek(digest)
@@ -373,8 +390,13 @@ class Keyplane:
             except Exception as exc:
                 raise store_unavailable(exc) from None
         if principal is None:
+            self._failed_authentication(ip)
             raise invalid_api_key("The service-account token is malformed, invalid or revoked")
         return principal
+
+    def _failed_authentication(self, ip: str | None) -> None:
+        if ip is not None:
+            self.brake.fail(ip, time.time())
 
     async def _load_sa(self, digest: str) -> Principal | None:
         return await credentials.load_service_account(self.db, digest)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import MutableMapping
+from typing import Any
 
 from keyplane.domain.policy import IPNetwork, parse_networks
-from keyplane.gateway.asgi import Scope, header
 
 
 class ClientAddress:
@@ -20,12 +21,13 @@ class ClientAddress:
             return False
         return any(addr in net for net in self.trusted)
 
-    def of(self, scope: Scope) -> str:
+    def of(self, scope: MutableMapping[str, Any]) -> str:
+        """The client of an ASGI request (HTTP or WebSocket scope)."""
         client = scope.get("client")
         peer = client[0] if client else ""
         if not self.trusted or not self._is_trusted(peer):
             return peer
-        forwarded = header(scope, b"x-forwarded-for")
+        forwarded = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"), None)
         if not forwarded:
             return peer
         # Walk from the right: the first hop that is not one of our proxies is the client.
