@@ -343,15 +343,44 @@ async def test_accounts_profiles_and_providers_pages(context: BrowserContext, de
         await page.get_by_role("button", name="Create profile").click()
         await expect(page.locator("tr", has_text="batch")).to_contain_text("120")
 
-        # A provider: the secret is write-only.
+        # A provider: prices per model, the secret write-only.
         await page.goto("/ui/providers")
-        await page.get_by_label("Name").fill("local")
-        await page.get_by_label("Base URL").fill("http://127.0.0.1:9/v1")
-        await page.get_by_label("API key (write-only: sealed at rest, never shown again)").fill("sk-very-secret-123")
-        await page.get_by_label("Models (one per line)").fill("m-1\nm-2")
-        await page.get_by_role("button", name="Add provider").click()
-        await expect(page.locator("tr", has_text="local")).to_contain_text("m-1, m-2")
+        add = page.locator("form", has=page.get_by_role("heading", name="Add an OpenAI-compatible provider"))
+        models = add.get_by_label("Models: one per line, name then input and output price in USD per million "
+                                  "tokens (prices optional)")
+
+        async def fill_provider(model_lines: str) -> None:
+            await add.get_by_label("Name", exact=True).fill("local")
+            await add.get_by_label("Base URL").fill("http://127.0.0.1:9/v1")
+            await add.get_by_label("API key (write-only: sealed at rest, never shown again)").fill("sk-very-secret-123")
+            await models.fill(model_lines)
+            await add.get_by_role("button", name="Add provider").click()
+
+        await fill_provider("m-1 2.5 10\nm-2 x 1")  # a price that is not a number: a clear error
+        await expect(page.get_by_role("alert")).to_contain_text("prices are numbers")
+        await fill_provider("m-1 2.5 10\nm-2")
+        row = page.locator("tr", has_text="local")
+        await expect(row).to_contain_text("m-1 $2.5 / $10.0")
+        await expect(row).to_contain_text("m-2 $0.0 / $0.0")
         assert "sk-very-secret-123" not in await page.content()
+        # Edit: new prices and a rotated secret (write-only: never shown, only its mask changes).
+        admin = bearer(demo_app.bootstrap.admin_token)
+        before = (await rest.get("/api/v1/providers/local", headers=admin)).json()["provider"]
+        await row.get_by_text("Edit").click()
+        await row.get_by_label("Models of local: one per line, name then input and output price").fill("m-1 3")
+        await row.get_by_role("button", name="Save local").click()
+        await expect(page.get_by_role("alert")).to_contain_text("local: 'm-1 3': write a model as")
+        row = page.locator("tr", has_text="local")
+        await row.get_by_text("Edit").click()
+        await row.get_by_label("Models of local: one per line, name then input and output price").fill("m-1 3 12")
+        await row.get_by_label("New API key for local (blank keeps the current one)").fill("sk-rotated-456789")
+        await row.get_by_role("button", name="Save local").click()
+        await expect(page.locator("tr", has_text="local")).to_contain_text("m-1 $3.0 / $12.0")
+        await expect(page.locator("tr", has_text="local")).not_to_contain_text("m-2")
+        assert "sk-rotated-456789" not in await page.content()
+        after = (await rest.get("/api/v1/providers/local", headers=admin)).json()["provider"]
+        assert after["models"] == [{"name": "m-1", "input_per_mtok": 3.0, "output_per_mtok": 12.0}]
+        assert after["api_key"] != before["api_key"] and after["api_key"].endswith("6789")
         page.once("dialog", lambda d: d.accept())  # the delete confirmation
         await page.locator("tr", has_text="local").get_by_role("button", name="Delete").click()
         await expect(page.locator("tr", has_text="local")).to_have_count(0)

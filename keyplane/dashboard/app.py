@@ -37,6 +37,7 @@ from keyplane.services.schemas import (
     KeyUpdate,
     LimitProfileCreate,
     ProviderCreate,
+    ProviderUpdate,
     ServiceAccountCreate,
 )
 
@@ -112,6 +113,25 @@ def _lines(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").replace(",", "\n").splitlines() if part.strip()]
 
 
+def _model_prices(text: Any) -> list[dict[str, Any]]:
+    """One model per line: ``name`` or ``name input output`` (USD per million tokens)."""
+    models: list[dict[str, Any]] = []
+    for line in str(text or "").splitlines():
+        parts = line.replace(",", " ").split()
+        if not parts:
+            continue
+        if len(parts) not in (1, 3):
+            raise ValueError(f"'{line.strip()}': write a model as 'name' or 'name input-price output-price'")
+        model: dict[str, Any] = {"name": parts[0]}
+        if len(parts) == 3:
+            try:
+                model.update(input_per_mtok=float(parts[1]), output_per_mtok=float(parts[2]))
+            except ValueError:
+                raise ValueError(f"'{line.strip()}': prices are numbers, in USD per million tokens") from None
+        models.append(model)
+    return models
+
+
 def _pairs(text: str | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in (text or "").splitlines():
@@ -148,6 +168,7 @@ class Dashboard:
             Route("/limit-profiles", self.limit_profiles, methods=["GET", "POST"]),
             Route("/providers", self.providers, methods=["GET", "POST"]),
             Route("/providers/{name}/delete", self.provider_delete, methods=["POST"]),
+            Route("/providers/{name}/update", self.provider_update, methods=["POST"]),
             Route("/usage", self.usage),
             Route("/audit", self.audit),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
@@ -480,9 +501,26 @@ class Dashboard:
             return await self.kp.providers.create(principal, ProviderCreate.model_validate({
                 "name": str(form.get("name") or ""), "base_url": str(form.get("base_url") or ""),
                 "api_key": str(form.get("api_key") or "") or None,
-                "models": [{"name": m} for m in _lines(form.get("models"))]}))
+                "models": _model_prices(form.get("models"))}))
 
         return await self._list_and_create(request, "providers.html", create, self.kp.providers.list)
+
+    async def provider_update(self, request: Request) -> Response:
+        """Change a provider's models and prices, and rotate its secret (left blank: kept)."""
+        name = request.path_params["name"]
+        principal, session, form = await self._change(request)
+        try:
+            changes: dict[str, Any] = {"models": _model_prices(form.get("models"))}
+            if str(form.get("api_key") or ""):
+                changes["api_key"] = str(form.get("api_key"))
+            await self.kp.providers.update(principal, name, ProviderUpdate.model_validate(changes))
+        except (KeyplaneError, ValidationError, ValueError) as exc:
+            if isinstance(exc, KeyplaneError) and exc.status in (403, 404):
+                return self._forbidden(request, principal, session, exc)
+            items = await self.kp.providers.list(principal)
+            return self._render(request, "providers.html", principal, session, status=400, items=items,
+                                created=None, error=f"{name}: {_error_text(exc)}")
+        return RedirectResponse(f"{PREFIX}/providers", status_code=303)
 
     async def provider_delete(self, request: Request) -> Response:
         name = request.path_params["name"]
