@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -307,7 +308,7 @@ def test_serve_workers_share_one_port_and_one_limit(store_env: dict[str, str], t
     with servers(store_env, tmp_path, 1, "--workers", "2") as (server,):
         assert "keyplane is running at" in server.output
         make_profile(server, "twenty", 20)
-        _, secret = make_key(server, limit_profile="twenty", scopes=["models:read"])
+        key, secret = make_key(server, limit_profile="twenty", scopes=["models:read"])
 
         async def spread() -> list[int]:
             statuses: list[int] = []
@@ -323,6 +324,18 @@ def test_serve_workers_share_one_port_and_one_limit(store_env: dict[str, str], t
                               "protocolVersion": "2025-11-25", "capabilities": {},
                               "clientInfo": {"name": "t", "version": "1"}}})
         assert resp.status_code == 200 and "mcp-session-id" not in resp.headers
+        # Tool calls on fresh connections land on either worker, and every one is answered.
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                "params": {"name": "keyplane_list_virtual_keys", "arguments": {}}}
+        for _ in range(6):
+            with httpx.Client(timeout=10) as fresh:
+                answer = fresh.post(f"{server.url}/mcp", json=call, headers={
+                    **HEADERS, "Accept": "application/json, text/event-stream",
+                    "MCP-Protocol-Version": "2025-11-25"})
+            assert answer.status_code == 200, answer.text
+            data = next(line[5:] for line in answer.text.splitlines() if line.startswith("data:"))
+            result = json.loads(data)["result"]
+            assert not result.get("isError") and key["id"] in {k["id"] for k in result["structuredContent"]["data"]}
 
 
 def test_workers_without_redis_are_refused(store_env: dict[str, str], tmp_path: Path) -> None:
