@@ -386,3 +386,29 @@ async def test_accounts_profiles_and_providers_pages(context: BrowserContext, de
         await expect(page.locator("tr", has_text="local")).to_have_count(0)
         listed = (await rest.get("/api/v1/providers", headers=bearer(demo_app.bootstrap.admin_token))).json()
         assert "local" not in {p["name"] for p in listed["data"]} and "demo" in {p["name"] for p in listed["data"]}
+
+
+async def test_another_organizations_key_does_not_exist_on_the_dashboard(app: KeyplaneApp, client: httpx.AsyncClient,
+                                                                         admin: dict[str, str]) -> None:
+    """Signed in to one organization, another's key ids lead nowhere: not shown, not changed."""
+    acme = await app.kp.organizations.create("acme")
+    assert acme.admin_token
+    mine, my_secret = await create_key(client, admin, name="mine")
+    signed_in = await client.post("/ui/login", data={"token": acme.admin_token})
+    assert signed_in.status_code == 303
+    keys_page = await client.get("/ui/keys")
+    assert keys_page.status_code == 200 and "mine" not in keys_page.text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', keys_page.text)
+    assert csrf is not None
+    assert (await client.get(f"/ui/keys/{mine['id']}")).status_code == 404
+    for action, form in (("status", {"enabled": "false"}), ("name", {"name": "taken"}), ("rotate", {}),
+                         ("delete", {}), ("subkeys", {"name": "child"})):
+        resp = await client.post(f"/ui/keys/{mine['id']}/{action}", data={**form, "csrf": csrf.group(1)})
+        assert resp.status_code == 404, (action, resp.status_code)
+    usage = await client.get("/ui/usage")
+    assert usage.status_code == 200 and mine["id"] not in usage.text
+    audit = await client.get("/ui/audit")
+    assert audit.status_code == 200 and mine["id"] not in audit.text
+    assert (await verify(client, admin, my_secret))["valid"]  # untouched
+    keys = (await client.get("/api/v1/keys", headers=admin)).json()["data"]
+    assert [(k["name"], k["status"]) for k in keys] == [("mine", "enabled")]

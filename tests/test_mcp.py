@@ -319,6 +319,27 @@ async def test_no_escalation_through_tools(mcp_url: str, client: httpx.AsyncClie
     assert (await client.get("/api/v1/keys", headers=admin)).json()["data"] == []
 
 
+async def test_another_organizations_keys_usage_and_audit_do_not_exist_for_tools(
+        mcp_url: str, app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]) -> None:
+    acme = await app.kp.organizations.create("acme")
+    assert acme.admin_token
+    mine, my_secret = await create_key(client, admin, name="mine")
+    async with mcp_session(mcp_url, acme.admin_token, "legacy") as theirs:
+        listed = await theirs.call_tool("keyplane_list_virtual_keys", {})
+        assert not listed.is_error and listed.structured_content["data"] == []
+        for tool, arguments in (("keyplane_revoke_virtual_key", {"key_id": mine["id"]}),
+                                ("keyplane_revoke_virtual_key", {"key_id": mine["id"], "mode": "delete"}),
+                                ("keyplane_rotate_virtual_key", {"key_id": mine["id"]}),
+                                ("keyplane_recommend_limits", {"key_id": mine["id"]})):
+            refused = await theirs.call_tool(tool, arguments)
+            assert refused.is_error and "not_found" in refused.content[0].text, (tool, refused.content)
+        usage = await theirs.call_tool("keyplane_usage_summary", {"group_by": "key"})
+        assert not usage.is_error and mine["id"] not in str(usage.structured_content)
+        audit = await theirs.call_tool("keyplane_audit_events", {})
+        assert not audit.is_error and mine["id"] not in str(audit.structured_content)
+    assert (await verify(client, admin, my_secret))["valid"]  # untouched
+
+
 async def test_tool_errors_are_tool_results_and_the_session_carries_on(mcp_url: str, admin_token: str) -> None:
     async with mcp_session(mcp_url, admin_token, "legacy") as session:
         missing = await session.call_tool("keyplane_revoke_virtual_key", {"key_id": "key_doesnotexist"})

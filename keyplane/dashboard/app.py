@@ -97,6 +97,11 @@ def _error_text(exc: KeyplaneError | ValidationError | ValueError) -> str:
     return str(exc)
 
 
+def _status_of(exc: KeyplaneError | ValidationError | ValueError) -> int:
+    """A refused change answers with the service's status (404, 409, …); bad form input with 400."""
+    return exc.status if isinstance(exc, KeyplaneError) else 400
+
+
 def _optional_number(form: Any, name: str, kind: type[int] | type[float] = int) -> Any:
     """A form field as a number, or None when empty; a clear message when it is not one."""
     raw = str(form.get(name) or "").strip()
@@ -303,7 +308,8 @@ class Dashboard:
         except (KeyplaneError, ValidationError, ValueError) as exc:
             if isinstance(exc, KeyplaneError) and exc.status == 403:
                 return self._forbidden(request, principal, session, exc)
-            return await self._keys_page(request, principal, session, status=400, create_error=_error_text(exc),
+            return await self._keys_page(request, principal, session, status=_status_of(exc),
+                                         create_error=_error_text(exc),
                                          form=dict(form))
         return await self._keys_page(request, principal, session, status=201, created=key, secret=secret)
 
@@ -356,7 +362,7 @@ class Dashboard:
             key = await self.kp.keys.update(principal, key_id, KeyUpdate(name=str(form.get("name") or "")))
         except (KeyplaneError, ValidationError) as exc:
             key = await self.kp.keys.get(principal, key_id)
-            return self._card(request, principal, session, key, status=400, error=_error_text(exc))
+            return self._card(request, principal, session, key, status=_status_of(exc), error=_error_text(exc))
         return self._card(request, principal, session, key)
 
     async def key_status(self, request: Request) -> Response:
@@ -378,7 +384,8 @@ class Dashboard:
             key, secret = await self.kp.keys.rotate(principal, request.path_params["key_id"],
                                                     KeyRotate(grace_seconds=grace))
         except (KeyplaneError, ValidationError, ValueError) as exc:
-            return await self._keys_page(request, principal, session, status=400, page_error=_error_text(exc))
+            return await self._keys_page(request, principal, session, status=_status_of(exc),
+                                         page_error=_error_text(exc))
         return await self._keys_page(request, principal, session, created=key, secret=secret, rotated=True)
 
     async def key_delete(self, request: Request) -> Response:
@@ -396,7 +403,8 @@ class Dashboard:
             key, secret = await self.kp.keys.create_subkey(principal, request.path_params["key_id"],
                                                            KeyCreate(name=str(form.get("name") or "")))
         except (KeyplaneError, ValidationError) as exc:
-            return await self._keys_page(request, principal, session, status=400, page_error=_error_text(exc))
+            return await self._keys_page(request, principal, session, status=_status_of(exc),
+                                         page_error=_error_text(exc))
         return await self._keys_page(request, principal, session, status=201, created=key, secret=secret)
 
     # -- connect an agent -------------------------------------------------------------------------------
@@ -518,7 +526,7 @@ class Dashboard:
             if isinstance(exc, KeyplaneError) and exc.status in (403, 404):
                 return self._forbidden(request, principal, session, exc)
             items = await self.kp.providers.list(principal)
-            return self._render(request, "providers.html", principal, session, status=400, items=items,
+            return self._render(request, "providers.html", principal, session, status=_status_of(exc), items=items,
                                 created=None, error=f"{name}: {_error_text(exc)}")
         return RedirectResponse(f"{PREFIX}/providers", status_code=303)
 
