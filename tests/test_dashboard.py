@@ -229,7 +229,8 @@ async def test_keys_connect_usage_and_audit_end_to_end(context: BrowserContext, 
         await shot(page, "08-audit")
 
         for path, name in (("/ui/service-accounts", "09-service-accounts"),
-                           ("/ui/limit-profiles", "10-limit-profiles"), ("/ui/providers", "11-providers")):
+                           ("/ui/limit-profiles", "10-limit-profiles"), ("/ui/providers", "11-providers"),
+                           ("/ui/alerts", "13-alerts")):
             await page.goto(path)
             assert await unlabeled_fields(page) == []
             await shot(page, name)
@@ -386,6 +387,38 @@ async def test_accounts_profiles_and_providers_pages(context: BrowserContext, de
         await expect(page.locator("tr", has_text="local")).to_have_count(0)
         listed = (await rest.get("/api/v1/providers", headers=bearer(demo_app.bootstrap.admin_token))).json()
         assert "local" not in {p["name"] for p in listed["data"]} and "demo" in {p["name"] for p in listed["data"]}
+
+        # Alerts: a rule the service refuses is a clear error; a good one shows its signing secret once and
+        # only the webhook's host (a webhook URL may carry a token); then it is deleted.
+        await page.goto("/ui/alerts")
+        new_rule = page.locator("form", has=page.get_by_role("heading", name="New alert rule"))
+        await new_rule.get_by_label("Name (lower case, digits, - and _)").fill("spend")
+        await new_rule.get_by_label("Fires when").select_option("budget")
+        await new_rule.get_by_label("Threshold").fill("0.8")
+        await new_rule.get_by_label("Webhook URL").fill("https://hooks.example.com/T000/very-secret-path")
+        await new_rule.get_by_role("button", name="Create alert").click()
+        await expect(page.get_by_role("alert")).to_contain_text("A budget alert watches one key")
+        await new_rule.get_by_label("Name (lower case, digits, - and _)").fill("errors")
+        await new_rule.get_by_label("Fires when").select_option("error_rate")
+        await new_rule.get_by_label("Threshold").fill("0.2")
+        await new_rule.get_by_label("Window in minutes").fill("10")
+        await new_rule.get_by_label("Webhook URL").fill("https://hooks.example.com/T000/very-secret-path")
+        await new_rule.get_by_role("button", name="Create alert").click()
+        await expect(page.get_by_text("You will not see it again")).to_be_visible()
+        signing_secret = (await page.locator("#alert-secret").inner_text()).strip()
+        assert signing_secret.startswith("whsec_")
+        row = page.locator("tr", has_text="errors")
+        await expect(row).to_contain_text("errors exceed 20.0% over 10 min")
+        await expect(row).to_contain_text("hooks.example.com")
+        await expect(row).to_contain_text("the whole organization")
+        await page.goto("/ui/alerts")
+        assert "very-secret-path" not in await page.content() and signing_secret not in await page.content()
+        rules = (await rest.get("/api/v1/alerts", headers=bearer(demo_app.bootstrap.admin_token))).json()["data"]
+        assert [(r["name"], r["kind"], r["threshold"], r["window_minutes"]) for r in rules] == [
+            ("errors", "error_rate", 0.2, 10)]
+        page.once("dialog", lambda d: d.accept())
+        await page.locator("tr", has_text="errors").get_by_role("button", name="Delete").click()
+        await expect(page.get_by_text("No alert rules yet.")).to_be_visible()
 
 
 async def test_another_organizations_key_does_not_exist_on_the_dashboard(app: KeyplaneApp, client: httpx.AsyncClient,

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -32,6 +32,7 @@ from keyplane.mcp_server.connect import CLIENTS, connect_instructions, mcp_url_f
 from keyplane.services.container import Keyplane
 from keyplane.services.principal import Principal
 from keyplane.services.schemas import (
+    AlertRuleCreate,
     KeyCreate,
     KeyRotate,
     KeyUpdate,
@@ -174,6 +175,8 @@ class Dashboard:
             Route("/providers", self.providers, methods=["GET", "POST"]),
             Route("/providers/{name}/delete", self.provider_delete, methods=["POST"]),
             Route("/providers/{name}/update", self.provider_update, methods=["POST"]),
+            Route("/alerts", self.alerts, methods=["GET", "POST"]),
+            Route("/alerts/{rule_id}/delete", self.alert_delete, methods=["POST"]),
             Route("/usage", self.usage),
             Route("/audit", self.audit),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
@@ -534,6 +537,38 @@ class Dashboard:
         name = request.path_params["name"]
         return await self._act_then_return(
             request, lambda principal: self.kp.providers.delete(principal, name), "providers")
+
+    async def alerts(self, request: Request) -> Response:
+        async def create(principal: Principal, form: Any) -> tuple[dict[str, Any], str]:
+            fields: dict[str, Any] = {
+                "name": str(form.get("name") or ""), "kind": str(form.get("kind") or ""),
+                "key_id": str(form.get("key_id") or "") or None,
+                "threshold": _optional_number(form, "threshold", float),
+                "webhook_url": str(form.get("webhook_url") or "")}
+            for name in ("window_minutes", "min_requests", "cooldown_seconds"):
+                value = _optional_number(form, name)
+                if value is not None:
+                    fields[name] = value
+            return await self.kp.alerts.create(principal, AlertRuleCreate.model_validate(fields))
+
+        async def listing(principal: Principal) -> list[dict[str, Any]]:
+            rules = await self.kp.alerts.list(principal)
+            for rule in rules:  # a webhook URL may carry a token (Slack, Teams): show where it goes, not all of it
+                rule["webhook_host"] = urlsplit(rule.pop("webhook_url")).netloc
+            return rules
+
+        principal, _session = await self._signed_in(request)
+        keys: list[dict[str, Any]] = []
+        if scope_rules.holds(principal.scopes, "virtual_keys:read"):
+            keys = (await self.kp.keys.list(principal, status="enabled", limit=200))["data"]
+        return await self._list_and_create(request, "alerts.html", create, listing, keys=keys,
+                                           key_names={k["id"]: k["name"] for k in keys},
+                                           interval=int(self.kp.settings.alert_interval_seconds))
+
+    async def alert_delete(self, request: Request) -> Response:
+        rule_id = request.path_params["rule_id"]
+        return await self._act_then_return(
+            request, lambda principal: self.kp.alerts.delete(principal, rule_id), "alerts")
 
     def _forbidden(self, request: Request, principal: Principal, session: Session, exc: KeyplaneError) -> Response:
         return self._render(request, "error.html", principal, session, status=exc.status, title="Refused",
