@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import text, update
 
 from keyplane.app import KeyplaneApp
-from tests.conftest import bearer, create_key, create_sa
+from keyplane.store.models import AuditEvent
+from tests.conftest import assert_error, bearer, create_key, create_sa
 
 
 async def _events(client: httpx.AsyncClient, admin: dict[str, str], **params: Any) -> list[dict[str, Any]]:
@@ -123,3 +125,32 @@ async def test_parallel_writers_never_fork_the_chain(
     async with app.kp.db.read() as s:
         seqs = [r[0] for r in (await s.execute(text("SELECT seq FROM audit_events ORDER BY seq"))).all()]
     assert seqs == list(range(1, 43))
+
+
+async def test_activity_counts_changes_per_day_and_top_actions_of_one_organization(
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]
+) -> None:
+    for i in range(3):
+        await create_key(client, admin, name=f"k{i}")
+    acme = await app.kp.organizations.create("acme")
+    await create_key(client, bearer(acme.admin_token or ""), name="theirs")  # not counted for us
+    total = (await client.get("/api/v1/audit/verify", headers=admin)).json()["entries"]
+    # An old event, dated 20 days ago, falls outside a 14-day window but inside a 30-day one.
+    async with app.kp.db.write() as s:
+        await s.execute(update(AuditEvent).where(AuditEvent.org_id == app.bootstrap.org_id, AuditEvent.seq == 1)
+                        .values(time=(datetime.now(UTC) - timedelta(days=20)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")))
+
+    resp = await client.get("/api/v1/audit/activity", headers=admin)
+    assert resp.status_code == 200
+    body = resp.json()
+    assert len(body["days"]) == 14 and body["days"][-1]["date"] == datetime.now(UTC).date().isoformat()
+    assert sum(d["events"] for d in body["days"]) == total - 1  # all but the old one
+    assert body["top_actions"][0] == {"action": "virtual_key.create", "events": 3}
+    month = (await client.get("/api/v1/audit/activity", params={"days": 30}, headers=admin)).json()
+    assert sum(d["events"] for d in month["days"]) == total
+
+    assert_error(await client.get("/api/v1/audit/activity", params={"days": 0}, headers=admin), 422,
+                 "invalid_request")
+    _, reader = await create_sa(client, admin, ["usage:read"])
+    resp = await client.get("/api/v1/audit/activity", headers=bearer(reader))
+    assert assert_error(resp, 403, "insufficient_scope")["scope"] == "audit:read"

@@ -222,11 +222,21 @@ async def test_keys_connect_usage_and_audit_end_to_end(context: BrowserContext, 
         await expect(page.get_by_test_id("chain-status")).to_contain_text("Chain verified")
         for action in ("virtual_key.create", "virtual_key.update", "virtual_key.disable", "virtual_key.delete"):
             await expect(page.locator("table.audit")).to_contain_text(action)
-        await page.get_by_label("Action").fill("virtual_key.update")
+        await page.get_by_role("textbox", name="Action").fill("virtual_key.update")
         await page.get_by_role("button", name="Filter").click()
         await expect(page.locator("table.audit tbody tr")).to_have_count(1)
         await page.goto("/ui/audit")
+        # The trail as a picture: changes per day and the most frequent actions, with the numbers as a table.
+        await expect(page.get_by_role("img", name="Changes recorded per day, last 14 days (UTC)")).to_be_visible()
+        await expect(page.get_by_role("img", name="Most frequent actions, last 14 days")).to_contain_text(
+            "virtual_key.create")
         await shot(page, "08-audit")
+        total = (await rest.get("/api/v1/audit/verify", headers=admin_h)).json()["entries"]
+        await page.get_by_text("Changes per day as a table").click()
+        rows = page.get_by_test_id("activity-table").locator("tbody tr")
+        await expect(rows).to_have_count(14)
+        counts = await rows.locator("td:nth-child(2)").all_inner_texts()
+        assert sum(int(c) for c in counts) == total  # every change this test made, drawn on its day
 
         for path, name in (("/ui/service-accounts", "09-service-accounts"),
                            ("/ui/limit-profiles", "10-limit-profiles"), ("/ui/providers", "11-providers"),

@@ -168,6 +168,11 @@ async def list_audit(
     )
 
 
+@router.get("/audit/activity", tags=["audit"])
+async def audit_activity(request: Request, who: Who, days: Annotated[int, Query(ge=1, le=366)] = 14) -> dict[str, Any]:
+    return await keyplane_of(request).audit.activity(who, days=days)
+
+
 @router.get("/audit/verify", tags=["audit"])
 async def verify_audit(request: Request, who: Who) -> dict[str, Any]:
     return (await keyplane_of(request).audit.verify(who)).as_dict()

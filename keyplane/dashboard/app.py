@@ -640,6 +640,7 @@ class Dashboard:
                                              action=filters["action"], target=filters["target"],
                                              since=filters["since"], cursor=params.get("cursor") or None, limit=50)
             verdict = await self.kp.audit.verify(principal)
+            activity = await self.kp.audit.activity(principal, days=14)
         except KeyplaneError as exc:
             if exc.code == "invalid_request":
                 return self._render(request, "audit.html", principal, session, status=400, events=[],
@@ -648,5 +649,12 @@ class Dashboard:
         next_link = None
         if page["next_cursor"]:
             next_link = "?" + urlencode({**{k: v for k, v in filters.items() if v}, "cursor": page["next_cursor"]})
+        labels = [d["date"][5:] for d in activity["days"]]  # MM-DD
+        activity_chart = charts.bars_over_time(
+            "Changes recorded per day, last 14 days (UTC)", labels,
+            [charts.Series("changes", [float(d["events"]) for d in activity["days"]], "bar-main")])
+        actions_chart = charts.horizontal_bars(
+            "Most frequent actions, last 14 days", [(a["action"], float(a["events"])) for a in activity["top_actions"]])
         return self._render(request, "audit.html", principal, session, events=page["data"], next_link=next_link,
-                            filters=filters, verdict=verdict, error=None)
+                            filters=filters, verdict=verdict, error=None, activity=activity,
+                            activity_chart=activity_chart, actions_chart=actions_chart)

@@ -67,6 +67,7 @@ CONTROL_PLANE_ROUTES: dict[tuple[str, str], str] = {
     ("DELETE", "/api/v1/limit-profiles/{name}"): "limit_profiles:write",
     ("GET", "/api/v1/audit"): "audit:read",
     ("GET", "/api/v1/audit/verify"): "audit:read",
+    ("GET", "/api/v1/audit/activity"): "audit:read",
     ("GET", "/api/v1/providers"): "providers:manage",
     ("POST", "/api/v1/providers"): "providers:manage",
     ("GET", "/api/v1/providers/{name}"): "providers:manage",

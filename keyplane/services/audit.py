@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from keyplane.domain import audit_chain
@@ -140,6 +140,27 @@ class AuditService:
             rows = list((await s.execute(q)).scalars())
         rows, next_cursor = page(rows, limit, lambda e: e.seq)
         return {"data": [event_to_dict(r) for r in rows], "next_cursor": next_cursor}
+
+    async def activity(self, principal: Principal, *, days: int = 14, top: int = 8,
+                       now: datetime | None = None) -> dict[str, Any]:
+        """How many changes were recorded per day (UTC) over the last ``days`` days, and the most
+        frequent actions among them: the audit trail as a picture."""
+        principal.require("audit:read")
+        if not 1 <= days <= 366:
+            raise invalid_request("days is between 1 and 366", param="days")
+        today = (now or datetime.now(UTC)).astimezone(UTC).date()
+        first = today - timedelta(days=days - 1)
+        start = rfc3339(datetime(first.year, first.month, first.day, tzinfo=UTC))
+        day = func.substr(AuditEvent.time, 1, 10)  # the stored RFC 3339 text starts with YYYY-MM-DD
+        mine = (AuditEvent.org_id == principal.org_id, AuditEvent.time >= start)
+        async with self.db.read() as s:
+            per_day = dict((await s.execute(select(day, func.count()).where(*mine).group_by(day))).all())
+            actions = (await s.execute(select(AuditEvent.action, func.count()).where(*mine)
+                                       .group_by(AuditEvent.action)
+                                       .order_by(func.count().desc(), AuditEvent.action).limit(top))).all()
+        dates = [(first + timedelta(days=i)).isoformat() for i in range(days)]
+        return {"days": [{"date": d, "events": int(per_day.get(d, 0))} for d in dates],
+                "top_actions": [{"action": a, "events": int(n)} for a, n in actions]}
 
     async def verify(self, principal: Principal) -> audit_chain.ChainVerdict:
         principal.require("audit:read")
