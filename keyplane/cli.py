@@ -593,6 +593,30 @@ def audit_list(
     _emit(page, as_json, page["data"], ("seq", "time", "principal", "action", "target"))
 
 
+@audit_app.command("activity")
+def audit_activity(
+    days: Annotated[int, typer.Option(min=1, max=366, help="How many days back, today included.")] = 14,
+    org: Org = "default",
+    as_json: AsJson = False,
+) -> None:
+    """Changes recorded per day (UTC) as bars, and the most frequent actions."""
+
+    async def job(kp: Keyplane) -> dict[str, Any]:
+        return await kp.audit.activity(await _principal(kp, org), days=days)
+
+    activity = run(job)
+    if as_json:
+        _print_json(activity)
+        return
+    peak = max([d["events"] for d in activity["days"]] + [1])
+    for d in activity["days"]:
+        typer.echo(f"{d['date']}  {d['events']:>6}  {'█' * round(40 * d['events'] / peak)}")
+    if activity["top_actions"]:
+        typer.echo("\nmost frequent actions:")
+        for a in activity["top_actions"]:
+            typer.echo(f"  {a['events']:>6}  {a['action']}")
+
+
 @audit_app.command("verify")
 def audit_verify(org: Org = "default") -> None:
     """Recompute the hash chain; exit 1 and name the first bad entry if it was edited, deleted or reordered."""

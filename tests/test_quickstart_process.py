@@ -7,6 +7,7 @@ import re
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -165,7 +166,15 @@ def test_cli_audit_verify_names_a_tampered_entry(store_env: dict[str, str], tmp_
     server.stop()
     for i in range(3):
         cli(store_env, "keys", "create", f"k{i}")
-    assert cli(store_env, "audit", "verify").returncode == 0
+    verified = cli(store_env, "audit", "verify").stdout
+    entries = re.search(r"(\d+) entries verified", verified)
+    assert entries is not None
+    # The trail as a picture in the terminal: today's bar is the longest, the key creations lead.
+    activity = cli(store_env, "audit", "activity", "--days", "3").stdout.splitlines()
+    assert activity[2].split()[0] == datetime.now(UTC).date().isoformat()
+    assert activity[2].split()[1] == entries.group(1) and activity[2].endswith("█" * 40)
+    assert "most frequent actions:" in activity and any(
+        line.split() == ["3", "virtual_key.create"] for line in activity)
     db = sqlite3.connect(tmp_path / "home" / "keyplane.db")
     db.execute("UPDATE audit_events SET principal = 'someone-else' WHERE seq = 4")
     db.commit()
