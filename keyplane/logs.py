@@ -43,3 +43,5 @@ def configure_logging(level: str = "INFO") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # Alembic announces each of its plugins at INFO on every migration: noise in a first start's output.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
