@@ -443,9 +443,11 @@ class Dashboard:
 
     async def _list_and_create(
         self, request: Request, template: str, create: Callable[[Principal, Any], Awaitable[Any]],
-        listing: Callable[[Principal], Awaitable[list[dict[str, Any]]]], **extra: Any,
+        listing: Callable[[Principal], Awaitable[list[dict[str, Any]]]],
+        context: Callable[[Principal], Awaitable[dict[str, Any]]] | None = None, **extra: Any,
     ) -> Response:
-        """The shape of the accounts, profiles and providers pages: a list, and a form that adds to it."""
+        """The shape of the accounts, profiles, providers and alerts pages: a list, and a form that adds to
+        it. ``context`` adds what the form needs to know about the signed-in principal."""
         created: Any = None
         error = None
         status = 200
@@ -462,6 +464,8 @@ class Dashboard:
             principal, session = await self._signed_in(request)
         try:
             items = await listing(principal)
+            if context is not None:
+                extra.update(await context(principal))
         except KeyplaneError as exc:
             return self._forbidden(request, principal, session, exc)
         return self._render(request, template, principal, session, status=status, items=items, created=created,
@@ -557,12 +561,13 @@ class Dashboard:
                 rule["webhook_host"] = urlsplit(rule.pop("webhook_url")).netloc
             return rules
 
-        principal, _session = await self._signed_in(request)
-        keys: list[dict[str, Any]] = []
-        if scope_rules.holds(principal.scopes, "virtual_keys:read"):
-            keys = (await self.kp.keys.list(principal, status="enabled", limit=200))["data"]
-        return await self._list_and_create(request, "alerts.html", create, listing, keys=keys,
-                                           key_names={k["id"]: k["name"] for k in keys},
+        async def keys_to_watch(principal: Principal) -> dict[str, Any]:
+            keys: list[dict[str, Any]] = []
+            if scope_rules.holds(principal.scopes, "virtual_keys:read"):
+                keys = (await self.kp.keys.list(principal, status="enabled", limit=200))["data"]
+            return {"keys": keys, "key_names": {k["id"]: k["name"] for k in keys}}
+
+        return await self._list_and_create(request, "alerts.html", create, listing, keys_to_watch,
                                            interval=int(self.kp.settings.alert_interval_seconds))
 
     async def alert_delete(self, request: Request) -> Response:
