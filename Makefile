@@ -6,11 +6,14 @@ BIN    := $(VENV)/bin
 .PHONY: serve test lint bench clean
 
 $(BIN)/python:
+	@echo "==> creating $(VENV), keyplane's own Python environment"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# Not quiet: a first install takes a minute or two, and pip's "Collecting …" lines show it moving.
 $(VENV)/.run-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+	@echo "==> installing keyplane and its dependencies into $(VENV) (first time only; later runs start at once)"
+	$(BIN)/python -m pip install --progress-bar on --disable-pip-version-check -e .
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml tests/mcp_ts_client/package-lock.json | $(BIN)/python
@@ -20,11 +23,12 @@ $(VENV)/.test-installed: pyproject.toml tests/mcp_ts_client/package-lock.json | 
 	touch $@ $(VENV)/.run-installed
 
 serve: $(VENV)/.run-installed
+	@echo "==> starting keyplane (another port: KEYPLANE_PORT=9000 make serve; every setting: docs/configuration.md)"
 	$(BIN)/keyplane serve
 
 test: $(VENV)/.test-installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadgroup  # two workers; see PROCESS_TEST_MODULES in tests/conftest.py
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25  # two workers; see PROCESS_TEST_MODULES in tests/conftest.py
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .

@@ -1,10 +1,22 @@
-"""Gateway benchmark: the same local OpenAI-compatible upstream, directly and through keyplane, same run.
+"""Gateway benchmark: the same local upstream, directly and through keyplane, same run.
 
-    python bench/gateway.py                 # ~2 minutes
+    python bench/gateway.py                 # ~3 minutes
     python bench/gateway.py --seconds 5
+    python bench/gateway.py --budget-only   # a key without vs with a budget, same run (~1 minute)
+    python bench/gateway.py --before /tmp/old --core-only   # + keyplane from another source tree, same run
+
+Reports added p50/p99 latency at 1 and 8 connections, throughput at high load (64 connections) with the CPU
+each keyplane process spent per proxied request (user + system, from /proc), and streaming time to first
+byte, each as keyplane vs direct, for Chat Completions. ``--before DIR`` also starts keyplane from the
+source tree DIR (e.g. ``git archive main | tar -x -C /tmp/old``) as ``keyplane_before``, on the same
+home and upstream, measured in the same interleaved rounds. ``--core-only`` skips what follows.
 
 Reports added p50/p99 latency at moderate load (8 connections), throughput at high load
-(64 connections), and streaming time to first byte, each as keyplane vs direct. keyplane (uvicorn,
+(64 connections), and streaming time to first byte, each as keyplane vs direct, for Chat Completions;
+and for the Anthropic Messages API (`/v1/messages`, key in `x-api-key` as Claude Code's SDK sends
+it) throughput at 64 connections and streaming time to first byte; and the cost of a budget (issue 17:
+reserve before forwarding, settle after): the same keyplane, a key without and a key with token, daily
+and monthly limits (never reached), at 8 and 64 connections. keyplane (uvicorn,
 one worker) is pinned to core 0; the upstream and wrk share core 1 in both measurements.
 Needs `wrk` (Debian: apt-get install wrk).
 """
@@ -36,15 +48,22 @@ from keyplane.services.principal import system  # noqa: E402
 from keyplane.services.schemas import KeyCreate, LimitProfileCreate, ModelPrice, ProviderCreate  # noqa: E402
 
 BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "hello"}]}
+MESSAGES_BODY = {"model": "bench-claude", "max_tokens": 64, "messages": [{"role": "user", "content": "hello"}]}
 
 
 class Pinned(Proc):
-    def __init__(self, core: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, core: str, cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> None:
         import subprocess
 
         self.log = log.open("w")
-        self.p = subprocess.Popen(["taskset", "-c", core, *cmd], env=env, cwd=ROOT, stdout=self.log,
+        self.p = subprocess.Popen(["taskset", "-c", core, *cmd], env=env, cwd=cwd, stdout=self.log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (taskset execs the server: its pid is the server's)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def uvicorn_cmd(target: str, port: int) -> list[str]:
@@ -52,7 +71,7 @@ def uvicorn_cmd(target: str, port: int) -> list[str]:
             "--loop", "uvloop", "--http", "httptools"]
 
 
-async def seed(home: Path, upstream_url: str) -> str:
+async def seed(home: Path, upstream_url: str) -> tuple[str, str]:
     kp = Keyplane(Settings(home=home))
     await kp.migrate()
     boot = await kp.bootstrap()
@@ -61,18 +80,53 @@ async def seed(home: Path, upstream_url: str) -> str:
     prices = [ModelPrice(name="bench-model", input_per_mtok=1, output_per_mtok=2)]
     await kp.providers.create(who, ProviderCreate(name="local", base_url=f"{upstream_url}/v1",
                                                   api_key="sk-bench-upstream", models=prices))
+    claude = [ModelPrice(name="bench-claude", input_per_mtok=3, output_per_mtok=15, cache_write_per_mtok=3.75,
+                         cache_read_per_mtok=0.3)]
+    await kp.providers.create(who, ProviderCreate(name="claude", kind="anthropic", base_url=f"{upstream_url}/v1",
+                                                  api_key="sk-ant-bench-upstream", models=claude))
     _, key = await kp.keys.create(who, KeyCreate(name="bench", limit_profile="bench"))
+    # Every spend window set (and never reached): each request reserves and settles in all three.
+    await kp.limit_profiles.create(who, LimitProfileCreate(
+        name="bench-budget", requests_per_minute=10_000_000, tokens_per_minute=2_000_000_000,
+        cost_per_day_usd=1e9, budget_per_month_usd=1e10))
+    _, budgeted = await kp.keys.create(who, KeyCreate(name="bench-budget", limit_profile="bench-budget"))
     await kp.db.dispose()
-    return key
+    return key, budgeted
 
 
-async def ttfb(url: str, headers: dict[str, str], n: int) -> dict[str, float]:
+def measure_budget(url: str, key: str, budgeted: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The same route and keyplane, a key without and one with a budget, alternating rounds (same run)."""
+    import bench.hotpath as hp
+
+    script = lua_post(work / "chat.lua", BODY)
+    headers = {"no_budget": {"Authorization": f"Bearer {key}"}, "budget": {"Authorization": f"Bearer {budgeted}"}}
+    out: dict[str, Any] = {}
+    for label, connections in (("moderate_c8", 8), ("high_c64", 64)):
+        hp.CONNECTIONS = connections
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in headers}
+        for name in headers:
+            wrk(url, 2, headers[name], script)
+        for round_no in range(args.rounds):
+            # Alternate which key goes first: on a loaded machine the order alone shows up in the figures.
+            for name in (list(headers) if round_no % 2 == 0 else list(reversed(headers))):
+                sample = wrk(url, args.seconds, headers[name], script)
+                assert sample["non_2xx"] == 0, (name, sample)
+                samples[name].append(sample)
+        out[label] = {name: {m: statistics.median(s[m] for s in xs) for m in ("rps", "p50_ms", "p99_ms")}
+                      for name, xs in samples.items()}
+    m, h = out["moderate_c8"], out["high_c64"]
+    out["added_p50_ms_moderate"] = round(m["budget"]["p50_ms"] - m["no_budget"]["p50_ms"], 3)
+    out["throughput_ratio_high"] = round(h["budget"]["rps"] / h["no_budget"]["rps"], 3)
+    return out
+
+
+async def ttfb(url: str, headers: dict[str, str], n: int, body: dict[str, Any] = BODY) -> dict[str, float]:
     """Time to first byte of a streamed answer, one request at a time."""
     samples = []
     async with httpx.AsyncClient(timeout=10) as client:
         for _ in range(n):
             start = time.perf_counter()
-            async with client.stream("POST", url, json={**BODY, "stream": True}, headers=headers) as resp:
+            async with client.stream("POST", url, json={**body, "stream": True}, headers=headers) as resp:
                 first = True
                 async for _chunk in resp.aiter_raw():
                     if first:
@@ -82,10 +136,41 @@ async def ttfb(url: str, headers: dict[str, str], n: int) -> dict[str, float]:
     return {"p50_ms": round(statistics.median(samples), 3), "p99_ms": round(samples[int(len(samples) * 0.99)], 3)}
 
 
+def measure_messages(upstream_url: str, keyplane_url: str, key: str, work: Path,
+                     args: argparse.Namespace) -> dict[str, Any]:
+    """/v1/messages: non-streaming at 64 connections and streaming TTFB, keyplane vs direct (same run)."""
+    import bench.hotpath as hp
+
+    script = lua_post(work / "messages.lua", MESSAGES_BODY)
+    targets = {"direct": f"{upstream_url}/v1/messages", "keyplane": f"{keyplane_url}/v1/messages"}
+    version = {"anthropic-version": "2023-06-01"}
+    headers = {"direct": {"x-api-key": "sk-ant-bench-upstream", **version},
+               "keyplane": {"x-api-key": key, **version}}
+    hp.CONNECTIONS = 64
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    for name in targets:
+        wrk(targets[name], 2, headers[name], script)
+    for _ in range(args.rounds):
+        for name in targets:
+            sample = wrk(targets[name], args.seconds, headers[name], script)
+            assert sample["non_2xx"] == 0, (name, sample)
+            samples[name].append(sample)
+    return {
+        "high_c64": {name: {m: statistics.median(s[m] for s in xs) for m in ("rps", "p50_ms", "p99_ms")}
+                     for name, xs in samples.items()},
+        "stream_ttfb": {name: asyncio.run(ttfb(targets[name], headers[name], 300, MESSAGES_BODY))
+                        for name in targets},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--budget-only", action="store_true",
+                        help="measure only a key without vs with a budget (writes bench/results/budget.json)")
+    parser.add_argument("--before", type=Path, help="a keyplane source tree to measure beside this one, same run")
+    parser.add_argument("--core-only", action="store_true", help="skip the Messages API and budget measurements")
     parser.add_argument("--litellm", help="path to a `litellm` executable (pip install 'litellm[proxy]' in its own "
                                           "venv) to measure LiteLLM Proxy against the same upstream, same run")
     args = parser.parse_args()
@@ -95,10 +180,15 @@ def main() -> None:
         work = Path(tmp)
         up_port, kp_port = free_port(), free_port()
         upstream_url = f"http://127.0.0.1:{up_port}"
-        key = asyncio.run(seed(work / "home", upstream_url))
+        key, budgeted = asyncio.run(seed(work / "home", upstream_url))
         env = {**os.environ, "KEYPLANE_HOME": str(work / "home")}
         upstream = Pinned("1", uvicorn_cmd("bench.fake_upstream:app", up_port), env, work / "up.log")
         keyplane = Pinned("0", uvicorn_cmd("keyplane.asgi:app", kp_port), env, work / "kp.log")
+        before = None
+        if args.before:
+            before_port = free_port()
+            before = Pinned("0", uvicorn_cmd("keyplane.asgi:app", before_port), env, work / "before.log",
+                            cwd=args.before.resolve())
         litellm = None
         if args.litellm:
             ll_port = free_port()
@@ -113,11 +203,26 @@ def main() -> None:
         try:
             upstream.wait(f"{upstream_url}/v1/chat/completions")
             keyplane.wait(f"http://127.0.0.1:{kp_port}/healthz")
+            if args.budget_only:
+                budget = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "seconds": args.seconds,
+                          "rounds": args.rounds,
+                          **measure_budget(f"http://127.0.0.1:{kp_port}/v1/chat/completions", key, budgeted,
+                                           work, args)}
+                print(json.dumps(budget, indent=2))
+                (ROOT / "bench" / "results").mkdir(exist_ok=True)
+                (ROOT / "bench" / "results" / "budget.json").write_text(json.dumps(budget, indent=2))
+                return
             script = lua_post(work / "chat.lua", BODY)
             targets = {"direct": f"{upstream_url}/v1/chat/completions",
                        "keyplane": f"http://127.0.0.1:{kp_port}/v1/chat/completions"}
             headers = {"direct": {"Authorization": "Bearer sk-bench-upstream"},
                        "keyplane": {"Authorization": f"Bearer {key}"}}
+            pids = {"keyplane": keyplane.p.pid}
+            if before is not None:
+                before.wait(f"http://127.0.0.1:{before_port}/healthz")
+                targets["keyplane_before"] = f"http://127.0.0.1:{before_port}/v1/chat/completions"
+                headers["keyplane_before"] = headers["keyplane"]
+                pids["keyplane_before"] = before.p.pid
             if litellm is not None:
                 litellm.wait(f"http://127.0.0.1:{ll_port}/health/liveliness")
                 targets["litellm"] = f"http://127.0.0.1:{ll_port}/v1/chat/completions"
@@ -126,24 +231,64 @@ def main() -> None:
                                       "seconds": args.seconds, "rounds": args.rounds}
             import bench.hotpath as hp
 
-            for label, connections in (("moderate_c8", 8), ("high_c64", 64)):
+            for label, connections in (("single_c1", 1), ("moderate_c8", 8), ("high_c64", 64)):
                 hp.CONNECTIONS = connections
                 samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
                 for name in targets:
                     wrk(targets[name], 2, headers[name], script)
-                for _ in range(args.rounds):
-                    for name in targets:
+                for round_no in range(args.rounds):
+                    for name in (list(targets) if round_no % 2 == 0 else list(reversed(targets))):
+                        cpu = cpu_seconds(pids[name]) if name in pids else 0.0
                         sample = wrk(targets[name], args.seconds, headers[name], script)
+                        if name in pids:
+                            sample["cpu_us_per_request"] = round(
+                                (cpu_seconds(pids[name]) - cpu) / max(sample["requests"], 1) * 1e6, 1)
                         assert sample["non_2xx"] == 0, (name, sample)
                         samples[name].append(sample)
-                report[label] = {name: {m: statistics.median(s[m] for s in xs) for m in ("rps", "p50_ms", "p99_ms")}
+                report[label] = {name: {m: statistics.median(s[m] for s in xs)
+                                        for m in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request") if m in xs[0]}
                                  for name, xs in samples.items()}
             report["stream_ttfb"] = {name: asyncio.run(ttfb(targets[name], headers[name], 300)) for name in targets}
+            if args.core_only:
+                return report_core(report)
+            report["messages"] = measure_messages(upstream_url, f"http://127.0.0.1:{kp_port}", key, work, args)
+            report["budget"] = measure_budget(targets["keyplane"], key, budgeted, work, args)
         finally:
             keyplane.stop()
             upstream.stop()
+            if before is not None:
+                before.stop()
+            # keyplane's access log (one JSON line per request, with its code): why a request was not 2xx
+            (ROOT / "bench" / "results").mkdir(exist_ok=True)
+            shutil.copy(work / "kp.log", ROOT / "bench" / "results" / "gateway-keyplane.log")
             if litellm is not None:
                 litellm.stop()
+    report_core(report)
+
+
+def report_core(report: dict[str, Any]) -> None:
+    """The figures for keyplane (and keyplane_before) vs direct; the whole report printed and saved."""
+    report["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
+    for name in ("keyplane", "keyplane_before"):
+        if name not in report["high_c64"]:
+            continue
+        s, h, t = report["single_c1"], report["high_c64"], report["stream_ttfb"]
+        report[f"{name}_summary"] = {
+            "throughput_ratio_high": round(h[name]["rps"] / h["direct"]["rps"], 3),
+            "cpu_us_per_request_high": h[name]["cpu_us_per_request"],
+            "added_p50_ms_c1": round(s[name]["p50_ms"] - s["direct"]["p50_ms"], 3),
+            "added_ttfb_p99_ms": round(t[name]["p99_ms"] - t["direct"]["p99_ms"], 3),
+        }
+    if "messages" not in report:
+        print(json.dumps(report, indent=2))
+        (ROOT / "bench" / "results").mkdir(exist_ok=True)
+        (ROOT / "bench" / "results" / "gateway-core.json").write_text(json.dumps(report, indent=2))
+        return
+    msg = report["messages"]
+    report["messages_throughput_ratio_high"] = round(msg["high_c64"]["keyplane"]["rps"]
+                                                     / msg["high_c64"]["direct"]["rps"], 3)
+    report["messages_added_ttfb_p50_ms"] = round(msg["stream_ttfb"]["keyplane"]["p50_ms"]
+                                                 - msg["stream_ttfb"]["direct"]["p50_ms"], 3)
     m, h, t = report["moderate_c8"], report["high_c64"], report["stream_ttfb"]
     report["added_p50_ms_moderate"] = round(m["keyplane"]["p50_ms"] - m["direct"]["p50_ms"], 3)
     report["added_p99_ms_moderate"] = round(m["keyplane"]["p99_ms"] - m["direct"]["p99_ms"], 3)

@@ -105,8 +105,9 @@ def wrk(url: str, seconds: int, headers: dict[str, str], script: Path | None = N
 
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    done = re.search(r"(\d+) requests in", out)
     return {"rps": rps, "p50_ms": latency("50"), "p99_ms": latency("99"),
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0, "requests": int(done.group(1)) if done else 0}
 
 
 def lua_post(path: Path, body: dict[str, Any]) -> Path:

@@ -31,13 +31,30 @@ if os.environ.get("CI") and not (POSTGRES_URL and REDIS_URL):
 # Tests that run keyplane as real server processes. Under pytest-xdist (`make test` runs two workers)
 # they share one group, so they run one after another on one worker and their timing-sensitive
 # measurements (revocation delay, shared limits) never compete with each other for the two cores.
-PROCESS_TEST_MODULES = frozenset({"test_distributed", "test_quickstart_process", "test_connect"})
+PROCESS_TEST_MODULES = frozenset({"test_distributed", "test_quickstart_process", "test_connect",
+                                  "test_forwarded_for_process", "test_mcp_gateway_everything",
+                                  "test_mcp_stdio_process"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.module is not None and item.module.__name__.rpartition(".")[2] in PROCESS_TEST_MODULES:
             item.add_marker(pytest.mark.xdist_group("processes"))
+
+
+def downgrader(db: Any, revision: str) -> Any:
+    """A function for ``conn.run_sync`` that takes a migrated test store down to ``revision`` (the migration
+    tests' way to build a store "as an older keyplane left it")."""
+    from alembic import command
+
+    from keyplane.store import migrate
+
+    def downgrade(connection: Any) -> None:
+        cfg = migrate.alembic_config(db.url)
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, revision)
+
+    return downgrade
 
 
 @pytest.fixture(params=BACKENDS)

@@ -79,7 +79,8 @@ async def test_error_rate_alert_is_signed_delivered_audited_and_cooled_down(
     expected = hmac.new(secret.encode(), stamp.encode() + b"." + call["body"], hashlib.sha256).hexdigest()
     assert call["headers"]["x-keyplane-signature"] == f"sha256={expected}"
     payload = json.loads(call["body"])
-    assert payload["kind"] == "error_rate" and payload["observed"] == {"requests": 20, "errors": 4, "value": 0.2}
+    assert payload["kind"] == "error_rate" and payload["observed"] == {"requests": 20, "errors": 4, "value": 0.2,
+                                                                  "value_is": "errors / requests"}
     audit = (await client.get("/api/v1/audit", params={"action": "alert.fire"}, headers=admin)).json()["data"]
     assert len(audit) == 1 and audit[0]["principal"] == "system" and audit[0]["target"] == fired[0]
     assert await app.kp.alerts.evaluate() == []  # within the cooldown
@@ -159,3 +160,21 @@ async def test_bad_alert_rules(client: httpx.AsyncClient, admin: dict[str, str])
     rule_id = created.json()["alert"]["id"]
     assert (await client.delete(f"/api/v1/alerts/{rule_id}", headers=admin)).status_code == 200
     assert_error(await client.delete(f"/api/v1/alerts/{rule_id}", headers=admin), 404, "not_found")
+
+
+async def test_a_window_ending_on_a_minute_boundary_counts_the_minute_it_starts(
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str]
+) -> None:
+    """Alert windows read minute rollups; evaluated in the first second of a minute, the requests of that
+    minute still count (the window's end takes the minute it starts)."""
+    from types import SimpleNamespace
+
+    _, secret = await create_key(client, admin, scopes=["models:read"])
+    for _ in range(3):
+        assert (await client.get("/v1/models", headers={"Authorization": f"Bearer {secret}"})).status_code == 200
+    await app.kp.flush_usage()
+    assert app.bootstrap is not None
+    rule = SimpleNamespace(org_id=app.bootstrap.org_id, key_id=None, mcp_server=None)
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)  # the minute the requests were made in
+    total, _errors = await app.kp.alerts._count(rule, minute - timedelta(minutes=5), minute)  # type: ignore[arg-type]
+    assert total >= 3

@@ -6,6 +6,8 @@ import base64
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -17,7 +19,7 @@ from keyplane.config import Settings
 from keyplane.domain import scopes as scope_rules
 from keyplane.mcp_server.connect import CLIENTS, connect_instructions
 from keyplane.services.principal import system
-from tests.processes import cli, serve
+from tests.processes import Server, cli, serve
 from tests.test_mcp import mcp_session
 from tests.test_quickstart_process import PROCESS_BACKENDS
 
@@ -48,17 +50,57 @@ def test_codex_takes_the_token_from_an_environment_variable() -> None:
                         f"codex mcp add keyplane --url {URL} --bearer-token-env-var KEYPLANE_MCP_TOKEN"]
 
 
-def test_vscode_add_mcp_json() -> None:
-    argv = shlex.split(snippet("vscode", "command"))
+def test_vscode_mcp_json_prompts_for_the_token() -> None:
+    """VS Code's documented mcp.json: "servers" plus "inputs"; a promptString input needs type, id and password."""
+    for token in (None, TOKEN):
+        entry = json.loads(snippet("vscode", "json", token))
+        assert set(entry) == {"inputs", "servers"}
+        assert entry["inputs"] == [{"type": "promptString", "id": "keyplane-token",
+                                    "description": "keyplane agent token", "password": True}]
+        assert entry["servers"] == {"keyplane": {"type": "http", "url": URL,
+                                                 "headers": {"Authorization": "Bearer ${input:keyplane-token}"}}}
+    # Without a minted token there is nothing for a shell to expand into VS Code's settings: no command at all.
+    guide = connect_instructions("vscode", URL, None)
+    assert [s.kind for s in guide.snippets] == ["json"]
+    assert "$KEYPLANE_MCP_TOKEN" not in json.dumps(guide.to_dict())
+
+
+def test_vscode_add_mcp_with_a_minted_token_says_where_it_lands() -> None:
+    guide = connect_instructions("vscode", URL, TOKEN)
+    command = next(s.text for s in guide.snippets if s.kind == "command")
+    argv = shlex.split(command)
     assert argv[:2] == ["code", "--add-mcp"]
     assert json.loads(argv[2]) == {"name": "keyplane", "type": "http", "url": URL,
                                    "headers": {"Authorization": f"Bearer {TOKEN}"}}
-    # Placeholder form: valid JSON once the shell has expanded $KEYPLANE_MCP_TOKEN.
-    placeholder = shlex.split(snippet("vscode", "command", None).replace("$KEYPLANE_MCP_TOKEN", "T"))
-    assert json.loads(placeholder[2])["headers"] == {"Authorization": "Bearer T"}
-    file_entry = json.loads(snippet("vscode", "json"))
-    assert file_entry["servers"]["keyplane"]["headers"]["Authorization"] == "Bearer ${input:keyplane-token}"
-    assert file_entry["inputs"][0]["password"] is True
+    assert "plain text" in " ".join(guide.notes)
+
+
+def shell_argv(shell: str, command: str, **env: str) -> list[str]:
+    """The argv ``command`` gives its program in a real ``shell`` (the program replaced by a printer)."""
+    program = command.split()[0]
+    script = f'{program}() {{ for a in "$@"; do printf "%s\\0" "$a"; done; }}\n{command}'
+    out = subprocess.run([shell, "-c", script], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", **env}).stdout
+    return [program, *out.split("\0")[:-1]]
+
+
+@pytest.mark.parametrize("shell", [s for s in ("bash", "zsh", "sh") if shutil.which(s)])
+def test_printed_commands_quote_right_in_the_shells_the_docs_name(shell: str) -> None:
+    # Claude Code: the shell fills the variable in, and the header stays one argument.
+    argv = shell_argv(shell, snippet("claude-code", "command", None), KEYPLANE_MCP_TOKEN=TOKEN)
+    assert argv[1:] == ["mcp", "add", "--transport", "http", "keyplane", URL, "--header",
+                        f"Authorization: Bearer {TOKEN}"]
+    assert shell_argv(shell, snippet("claude-code", "command"))[-1] == f"Authorization: Bearer {TOKEN}"
+    # Codex reads the variable the export sets.
+    export, add = [s.text for s in connect_instructions("codex", URL, TOKEN).snippets]
+    out = subprocess.run([shell, "-c", f'{export}\nprintf %s "$KEYPLANE_MCP_TOKEN"'], capture_output=True,
+                         text=True, check=True).stdout
+    assert out == TOKEN
+    assert shell_argv(shell, add)[1:] == ["mcp", "add", "keyplane", "--url", URL, "--bearer-token-env-var",
+                                          "KEYPLANE_MCP_TOKEN"]
+    # VS Code's one-liner: the JSON survives the shell intact.
+    vscode = next(s.text for s in connect_instructions("vscode", URL, TOKEN).snippets if s.kind == "command")
+    assert json.loads(shell_argv(shell, vscode)[2])["headers"]["Authorization"] == f"Bearer {TOKEN}"
 
 
 def test_cursor_deeplink_is_url_encoded_base64_of_the_config() -> None:
@@ -71,15 +113,45 @@ def test_cursor_deeplink_is_url_encoded_base64_of_the_config() -> None:
     assert entry == {"url": URL, "headers": {"Authorization": "Bearer ${env:KEYPLANE_MCP_TOKEN}"}}
 
 
-@pytest.mark.parametrize("client", ["claude-desktop", "chatgpt"])
-def test_connector_url_clients_get_the_url_and_the_caveat(client: str) -> None:
-    guide = connect_instructions(client, URL, TOKEN, query_token_enabled=False)
-    url = next(s.text for s in guide.snippets if s.kind == "url")
-    assert parse_qs(urlsplit(url).query) == {"api_key": [TOKEN]} and url.startswith(URL + "?")
+CONNECTORS = ["claude-desktop", "chatgpt"]
+
+
+@pytest.mark.parametrize("client", CONNECTORS)
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/mcp", "http://localhost:9000/mcp", "https://127.0.0.1/mcp",
+                                 "https://10.1.2.3/mcp", "https://keyplane.local/mcp", "http://keys.example.com/mcp"])
+def test_connector_clients_refuse_what_their_vendors_cloud_cannot_reach(client: str, url: str) -> None:
+    guide = connect_instructions(client, url, TOKEN, query_token_enabled=True)
+    assert not guide.ready and guide.snippets == [] and not guide.token_included
     notes = " ".join(guide.notes)
-    assert "OAuth" in notes and "KEYPLANE_MCP_QUERY_TOKEN=true" in notes
-    assert "KEYPLANE_MCP_QUERY_TOKEN" not in " ".join(connect_instructions(client, URL, TOKEN,
-                                                                           query_token_enabled=True).notes)
+    assert "public HTTPS URL" in notes and "KEYPLANE_PUBLIC_URL=https://" in notes and "cloud" in notes
+
+
+@pytest.mark.parametrize("client", CONNECTORS)
+def test_connector_clients_need_query_tokens_switched_on_and_say_the_trade_off(client: str) -> None:
+    guide = connect_instructions(client, URL, TOKEN, query_token_enabled=False)
+    assert not guide.ready and guide.snippets == []
+    notes = " ".join(guide.notes)
+    assert "KEYPLANE_MCP_QUERY_TOKEN=true" in notes and "OAuth" in notes and "logs" in notes
+
+
+@pytest.mark.parametrize("client", CONNECTORS)
+def test_connector_url_when_it_can_work(client: str) -> None:
+    guide = connect_instructions(client, URL, TOKEN, query_token_enabled=True)
+    assert guide.ready and guide.token_included
+    (url_snippet,) = guide.snippets
+    assert url_snippet.kind == "url" and parse_qs(urlsplit(url_snippet.text).query) == {"api_key": [TOKEN]}
+    assert "anyone holding the URL holds the token" in " ".join(guide.notes)
+    # Without a token: a literal placeholder, never URL-encoded.
+    text = snippet(client, "url", None, query_token_enabled=True)
+    assert text == URL + "?api_key=<token>" and "%3C" not in text
+
+
+def test_each_connector_ui_path() -> None:
+    label = next(s.label for s in connect_instructions("chatgpt", URL, TOKEN, query_token_enabled=True).snippets)
+    assert "Settings → Connectors → Advanced → turn on Developer mode" in label and "→ Create" in label
+    desktop = next(s.label for s in connect_instructions("claude-desktop", URL, TOKEN,
+                                                         query_token_enabled=True).snippets)
+    assert "Settings → Connectors → Add custom connector" in desktop
 
 
 def test_unknown_client_is_refused() -> None:
@@ -127,3 +199,28 @@ async def test_connect_mint_gives_a_working_narrow_agent_token(app: KeyplaneApp,
 def minted_org(app: KeyplaneApp) -> str:
     assert app.bootstrap is not None
     return app.bootstrap.org_id
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_connect_assumes_the_url_the_server_printed(store_env: dict[str, str], tmp_path: Path) -> None:
+    server = Server(store_env, tmp_path)  # on a random port, given as --port: not in connect's environment
+    try:
+        server.wait_ready()
+        guide = json.loads(cli(store_env, "connect", "claude-code", "--mint", "--json").stdout)
+        assert guide["mcp_url"] == server.url + "/mcp" and "keyplane serve" in guide["url_source"]
+        text = cli(store_env, "connect", "cursor").stdout
+        assert f"# Connect Cursor to keyplane's MCP server at {server.url}/mcp" in text
+        assert "URL taken from the last `keyplane serve`" in text
+        # KEYPLANE_PUBLIC_URL wins, and says so.
+        public = cli({**store_env, "KEYPLANE_PUBLIC_URL": "https://keys.example.com"}, "connect", "codex").stdout
+        assert "https://keys.example.com/mcp" in public and "URL taken from KEYPLANE_PUBLIC_URL" in public
+
+        # A connector client that cannot reach a loopback URL: refused before anything is minted.
+        refused = cli(store_env, "connect", "chatgpt", "--mint", check=False)
+        assert refused.returncode == 1 and "mcp_sa_" not in refused.stdout + refused.stderr
+        assert "public HTTPS URL" in refused.stderr and "KEYPLANE_MCP_QUERY_TOKEN=true" in refused.stderr
+        accounts = json.loads(cli(store_env, "sa", "list", "--json").stdout)
+        assert not any(a["name"].startswith("ChatGPT") for a in accounts)
+        assert sum("agent" in a["name"] for a in accounts) == 1  # only the Claude Code one above
+    finally:
+        server.stop()

@@ -139,12 +139,23 @@ async def test_keys_connect_usage_and_audit_end_to_end(context: BrowserContext, 
         keys = (await rest.get("/api/v1/keys", headers=admin_h)).json()["data"]
         key_id = next(k["id"] for k in keys if k["name"] == "web-app-2")
 
-        # Disable, then re-enable: immediate.
+        # Disable, then re-enable: immediate, and the card moves to its section without a reload.
         toggle = card.get_by_role("switch", name="web-app-2 enabled")
+        assert await toggle.evaluate("b => getComputedStyle(b.querySelector('.knob')).borderRadius") == "50%"
+        await expect(page.get_by_test_id("enabled-count")).to_have_text("1")
+        await page.evaluate("window.notReloaded = true")
         await toggle.click()
+        await expect(page.locator("#disabled-list article.key-card", has_text="web-app-2")).to_be_visible()
+        await expect(page.locator("#enabled-list article.key-card")).to_have_count(0)
+        await expect(page.get_by_test_id("enabled-count")).to_have_text("0")
+        await expect(page.get_by_test_id("disabled-count")).to_have_text("1")
         await expect(card.get_by_role("switch")).to_have_text("Disabled")
+        await expect(card.get_by_role("switch")).to_have_attribute("aria-checked", "false")
+        assert await page.evaluate("window.notReloaded") is True
         assert (await verify(rest, admin_h, secret))["code"] == "DISABLED"
         await card.get_by_role("switch").click()
+        await expect(page.locator("#enabled-list article.key-card", has_text="web-app-2")).to_be_visible()
+        await expect(page.get_by_test_id("enabled-count")).to_have_text("1")
         await expect(card.get_by_role("switch")).to_have_text("Enabled")
         assert (await verify(rest, admin_h, secret))["valid"] is True
 
@@ -158,10 +169,28 @@ async def test_keys_connect_usage_and_audit_end_to_end(context: BrowserContext, 
         await expect(page.locator("table.data").first).to_contain_text("echo-1")
         await expect(page.locator("#top-keys")).to_contain_text("web-app-2")
         assert await page.locator("svg.chart").count() >= 5
+        # Costs read as money ($0.000005), never 5e-06; chart labels are drawn at 13 px, not shrunk to ~10.
+        await expect(page.locator("#top-keys")).to_contain_text("$0.000005")
+        assert "e-0" not in await page.locator("main").inner_text()
+        await expect(page.get_by_role("img", name="Cost by model (USD)")).to_contain_text("$0.000005")
+        sizes = await page.evaluate("() => [...document.querySelectorAll('svg.chart text.tick')]"
+                                    ".map(t => t.getBoundingClientRect().height)")
+        assert sizes and min(sizes) >= 12, sizes
         await shot(page, "06-usage")
+
+        # The key's own page: rename, disable, rotate and delete are there too.
         await page.goto(f"/ui/keys/{key_id}")
-        await expect(page.locator("table.data").first).to_contain_text("echo-1")
+        await expect(page.locator("#by-model")).to_contain_text("echo-1")
+        detail = page.locator("article.key-card")
+        for name in ("Rename web-app-2", "Rotate", "Delete"):
+            await expect(detail.get_by_role("button", name=name)).to_be_visible()
         await shot(page, "05-key-detail")
+        await detail.get_by_role("switch", name="web-app-2 enabled").click()
+        await expect(detail.get_by_role("switch")).to_have_text("Disabled")
+        await expect(page).to_have_url(re.compile(rf"/ui/keys/{key_id}$"))  # stayed on the key's page
+        assert (await verify(rest, admin_h, secret))["code"] == "DISABLED"
+        await detail.get_by_role("switch").click()
+        await expect(detail.get_by_role("switch")).to_have_text("Enabled")
 
         # The connect helper: every client's method, then a minted token filled in.
         await page.goto("/ui/keys")
@@ -175,13 +204,10 @@ async def test_keys_connect_usage_and_audit_end_to_end(context: BrowserContext, 
                            r'--header "Authorization: Bearer \$KEYPLANE_MCP_TOKEN"$',
             "codex": r"^codex mcp add keyplane --url http://127\.0\.0\.1:\d+/mcp --bearer-token-env-var "
                      r"KEYPLANE_MCP_TOKEN$",
-            "vscode": r'^code --add-mcp "\{\\"name\\":\\"keyplane\\",\\"type\\":\\"http\\"',
+            "vscode": r'"promptString"[\s\S]*"Bearer \$\{input:keyplane-token\}"',
             "cursor": r"^cursor://anysphere\.cursor-deeplink/mcp/install\?name=keyplane&config=[A-Za-z0-9%]+$",
-            "claude-desktop": r"^http://127\.0\.0\.1:\d+/mcp\?api_key=",
-            "chatgpt": r"^http://127\.0\.0\.1:\d+/mcp\?api_key=",
         }
-        kinds = {"claude-code": "command", "codex": "command", "vscode": "command", "cursor": "link",
-                 "claude-desktop": "url", "chatgpt": "url"}
+        kinds = {"claude-code": "command", "codex": "command", "vscode": "json", "cursor": "link"}
         for client, pattern in expected.items():
             async with page.expect_response(re.compile(rf"/ui/connect\?client={client}$")):
                 await panel.get_by_label("Client").select_option(client)
@@ -193,10 +219,23 @@ async def test_keys_connect_usage_and_audit_end_to_end(context: BrowserContext, 
             await expect(snippet.first).to_have_text(re.compile(pattern))
             if client == "cursor":  # the "Add to Cursor" button is the same deeplink
                 await expect(panel.get_by_test_id("add-link")).to_have_attribute("href", re.compile(pattern))
+        # Connector clients connect from their vendor's cloud: on a loopback URL the helper says what is
+        # needed instead of a URL that cannot work, and offers no token to mint.
+        for client in ("claude-desktop", "chatgpt"):
+            async with page.expect_response(re.compile(rf"/ui/connect\?client={client}$")):
+                await panel.get_by_label("Client").select_option(client)
+            await expect(panel.locator(f"#client-{client}")).to_be_visible()
+            await settled(page)
+            await expect(panel.get_by_test_id("connect-needs")).to_contain_text("public HTTPS URL")
+            await expect(panel.get_by_test_id("connect-needs")).to_contain_text("KEYPLANE_MCP_QUERY_TOKEN=true")
+            await expect(panel.locator("[data-testid^=snippet-]")).to_have_count(0)
+            await expect(panel.get_by_role("button", name=re.compile("Mint an agent token"))).to_have_count(0)
         async with page.expect_response(re.compile(r"/ui/connect\?client=claude-code$")):
             await panel.get_by_label("Client").select_option("claude-code")
         await expect(panel.locator("#client-claude-code")).to_be_visible()
         await settled(page)
+        # Code never wraps in the middle of a word: long lines scroll.
+        assert await panel.locator("pre").first.evaluate("p => getComputedStyle(p).whiteSpace") == "pre"
         await panel.get_by_role("button", name=re.compile("Mint an agent token")).click()
         command = panel.get_by_test_id("snippet-command")
         await expect(command).to_contain_text("mcp_sa_")
@@ -220,6 +259,10 @@ async def test_keys_connect_usage_and_audit_end_to_end(context: BrowserContext, 
         # The audit trail, with the chain's verdict in plain words.
         await page.goto("/ui/audit")
         await expect(page.get_by_test_id("chain-status")).to_contain_text("Chain verified")
+        # Principals by name, as the header names the signed-in one ("admin"), with the id on hover.
+        first_principal = page.locator("table.audit tbody tr td:nth-child(3) a").first
+        await expect(first_principal).to_have_text("admin")
+        await expect(first_principal).to_have_attribute("title", re.compile(r"^sa_"))
         for action in ("virtual_key.create", "virtual_key.update", "virtual_key.disable", "virtual_key.delete"):
             await expect(page.locator("table.audit")).to_contain_text(action)
         await page.get_by_role("textbox", name="Action").fill("virtual_key.update")
@@ -252,6 +295,13 @@ async def test_keys_connect_usage_and_audit_end_to_end(context: BrowserContext, 
         await shot(page, "12-keys-phone")
 
         assert violations == []  # the pages need nothing the policy forbids
+
+        # A favicon on every page, and the bare address leads to the dashboard.
+        assert (await rest.get("/favicon.ico")).headers["content-type"] == "image/svg+xml"
+        icon = await page.locator("link[rel=icon]").get_attribute("href")
+        assert icon and (await rest.get(icon)).status_code == 200
+        await page.goto("/")
+        await expect(page).to_have_url(re.compile(r"/ui/keys$"))
 
         # Sign out ends the session.
         await page.set_viewport_size({"width": 1280, "height": 900})
@@ -356,7 +406,8 @@ async def test_accounts_profiles_and_providers_pages(context: BrowserContext, de
 
         # A provider: prices per model, the secret write-only.
         await page.goto("/ui/providers")
-        add = page.locator("form", has=page.get_by_role("heading", name="Add an OpenAI-compatible provider"))
+        add = page.locator("form", has=page.get_by_role("heading",
+                                                        name="Add a provider (OpenAI-compatible or Anthropic)"))
         models = add.get_by_label("Models: one per line, name then input and output price in USD per million "
                                   "tokens (prices optional)")
 
@@ -374,6 +425,15 @@ async def test_accounts_profiles_and_providers_pages(context: BrowserContext, de
         await expect(row).to_contain_text("m-1 $2.5 / $10.0")
         await expect(row).to_contain_text("m-2 $0.0 / $0.0")
         assert "sk-very-secret-123" not in await page.content()
+        # An Anthropic provider with prompt-cache prices.
+        await add.get_by_label("Name", exact=True).fill("claude")
+        await add.get_by_label("Kind").select_option("anthropic")
+        await add.get_by_label("Base URL").fill("http://127.0.0.1:9/v1")
+        await models.fill("claude-x 3 15 3.75 0.3")
+        await add.get_by_role("button", name="Add provider").click()
+        claude = page.locator("tr", has_text="claude-x")
+        await expect(claude).to_contain_text("anthropic")
+        await expect(claude).to_contain_text("claude-x $3.0 / $15.0, cache $3.75 write / $0.3 read")
         # Edit: new prices and a rotated secret (write-only: never shown, only its mask changes).
         admin = bearer(demo_app.bootstrap.admin_token)
         before = (await rest.get("/api/v1/providers/local", headers=admin)).json()["provider"]
@@ -455,3 +515,48 @@ async def test_another_organizations_key_does_not_exist_on_the_dashboard(app: Ke
     assert (await verify(client, admin, my_secret))["valid"]  # untouched
     keys = (await client.get("/api/v1/keys", headers=admin)).json()["data"]
     assert [(k["name"], k["status"]) for k in keys] == [("mine", "enabled")]
+
+
+async def test_keys_page_pages_through_every_key_and_says_how_many(context: BrowserContext, demo_app: KeyplaneApp
+                                                                   ) -> None:
+    from keyplane.services.principal import system
+    from keyplane.services.schemas import KeyCreate
+
+    assert demo_app.bootstrap is not None and demo_app.bootstrap.admin_token
+    who = system(demo_app.bootstrap.org_id)
+    made = [(await demo_app.kp.keys.create(who, KeyCreate(name=f"svc-{i:03d}")))[0] for i in range(63)]
+    for key in made[:3]:
+        await demo_app.kp.keys.set_status(who, key["id"], enabled=False)
+    await demo_app.kp.keys.create_subkey(who, made[-1]["id"], KeyCreate(name="svc-062-child"))
+    page = await context.new_page()
+    await sign_in(page, demo_app.bootstrap.admin_token)
+
+    await expect(page.get_by_test_id("enabled-count")).to_have_text("60")  # top-level keys; the sub-key nests
+    await expect(page.get_by_test_id("disabled-count")).to_have_text("3")
+    pager = page.get_by_test_id("enabled-pager")
+    await expect(pager).to_contain_text("Showing 50 of 60 enabled keys")
+    await expect(page.locator("#enabled-list > article.key-card")).to_have_count(50)
+    newest = page.locator("#enabled-list > article.key-card", has_text="svc-062").first
+    await expect(newest.locator("section.subkeys")).to_contain_text("svc-062-child")
+    await expect(page.get_by_test_id("disabled-pager")).to_have_count(0)  # all three fit: nothing more to say
+
+    await pager.get_by_role("link", name="Next 50 →").click()
+    await expect(page.locator("#enabled-list > article.key-card")).to_have_count(10)
+    await expect(page.locator("#enabled-list")).to_contain_text("svc-003")
+    await expect(page.locator("#enabled-list")).not_to_contain_text("svc-062")
+    await expect(page.get_by_test_id("enabled-pager")).to_contain_text("Showing 10 of 60 enabled keys")
+    await page.get_by_test_id("enabled-pager").get_by_role("link", name="← First page").click()
+    await expect(page.locator("#enabled-list > article.key-card")).to_have_count(50)
+
+
+async def test_no_agent_token_is_minted_for_a_connector_that_cannot_connect(
+        app: KeyplaneApp, client: httpx.AsyncClient, admin_token: str, admin: dict[str, str]) -> None:
+    assert (await client.post("/ui/login", data={"token": admin_token})).status_code == 303
+    csrf = re.search(r'name="csrf" value="([^"]+)"', (await client.get("/ui/keys")).text)
+    assert csrf is not None
+    before = (await client.get("/api/v1/service-accounts", headers=admin)).json()
+    assert '"admin"' in str(before).replace("'", '"')  # the listing answered (admin's account is in it)
+    resp = await client.post("/ui/connect/mint", data={"client": "chatgpt", "csrf": csrf.group(1)},
+                             headers={"HX-Request": "true"})
+    assert resp.status_code == 409 and "public HTTPS URL" in resp.text and "mcp_sa_" not in resp.text
+    assert (await client.get("/api/v1/service-accounts", headers=admin)).json() == before

@@ -280,11 +280,12 @@ ONE_CHAT_USD = (11 * 2.5 + 7 * 10) / 1e6  # what the fake upstream's usage costs
 
 async def test_tokens_per_minute(client: httpx.AsyncClient, admin: dict[str, str], provider: str) -> None:
     _, secret = await create_key(client, admin, limit_profile=await _profile(client, admin, tokens_per_minute=30))
-    assert (await _chat(client, secret)).status_code == 200  # 18 tokens
-    assert (await _chat(client, secret)).status_code == 200  # 36: the crossing request completes
-    resp = await _chat(client, secret)
-    err = assert_error(resp, 429, "rate_limited")
-    assert err["limit"] == "tokens_per_minute" and 1 <= err["retry_after"] <= 60
+    # The body's ~12 estimated prompt tokens leave 18 for the answer: max_tokens is lowered to them.
+    first = await _chat(client, secret)
+    assert first.status_code == 200 and first.headers["x-keyplane-max-tokens-clamped"] == "18"
+    resp = await _chat(client, secret)  # 18 used, 12 left: this prompt alone would use them all
+    err = assert_error(resp, 429, "tokens_exceeded")
+    assert err["limit"] == "tokens_per_minute" and 1 <= err["retry_after"] <= 60 and err["remaining"] == 12
     assert resp.headers["retry-after"] == str(err["retry_after"]) and err["resets_at"].endswith("Z")
 
 
@@ -357,7 +358,10 @@ async def test_limit_recommendation_from_real_usage(
     assert rec["observed"]["p99_requests_per_minute"] == 4  # the one spike is the top 1%
     assert rec["suggested_limits"]["requests_per_minute"] == 6
     assert rec["suggested_limits"]["tokens_per_minute"] == 900
-    assert rec["suggested_profile"] == "free" and rec["current_profile"] == "professional"
+    # No built-in profile caps tokens or cost: none sets every suggested limit, so a new one is proposed.
+    assert rec["suggested_limits"]["cost_per_day_usd"] is not None
+    assert rec["suggested_profile"] is None and rec["new_profile"] == rec["suggested_limits"]
+    assert rec["current_profile"] == "professional"
     assert any("headroom" in line for line in rec["explanation"])
     assert_error(await client.get("/api/v1/keys/key_nope/recommendation", headers=admin), 404, "not_found")
 

@@ -179,7 +179,8 @@ async def test_tools_list_shows_only_callable_tools_and_calls_without_the_scope_
     _, token = await create_sa(client, admin, ["virtual_keys:read", "usage:read"])
     async with mcp_session(mcp_url, token, "legacy") as session:
         names = {t.name for t in (await session.list_tools()).tools}
-    assert names == {"keyplane_list_virtual_keys", "keyplane_usage_summary", "keyplane_recommend_limits"}
+    assert names == {"keyplane_list_virtual_keys", "keyplane_usage_summary", "keyplane_recommend_limits",
+                     "keyplane_key_spend"}
 
     async with httpx.AsyncClient(headers={**bearer(token), **ACCEPT}) as http:
         resp = await http.post(mcp_url, json=tool_call("keyplane_create_virtual_key", {"name": "x"}))
@@ -335,8 +336,13 @@ async def test_another_organizations_keys_usage_and_audit_do_not_exist_for_tools
             assert refused.is_error and "not_found" in refused.content[0].text, (tool, refused.content)
         usage = await theirs.call_tool("keyplane_usage_summary", {"group_by": "key"})
         assert not usage.is_error and mine["id"] not in str(usage.structured_content)
+        await app.kp.tool_calls.flush()
         audit = await theirs.call_tool("keyplane_audit_events", {})
-        assert not audit.is_error and mine["id"] not in str(audit.structured_content)
+        assert not audit.is_error
+        # acme's trail holds its own refused attempts (naming the id it tried), nothing of the other org's.
+        about_mine = [e for e in audit.structured_content["data"] if mine["id"] in str(e)]
+        assert len(about_mine) == 4
+        assert all(e["details"]["outcome"] == "refused" and "not_found" in e["details"]["reason"] for e in about_mine)
     assert (await verify(client, admin, my_secret))["valid"]  # untouched
 
 
@@ -395,9 +401,13 @@ async def test_changes_are_audited_as_tool_calls_with_secrets_redacted(
         secret = created.structured_content["secret"]
         await session.call_tool("keyplane_rotate_virtual_key", {"key_id": key_id, "grace_seconds": 60})
         await session.call_tool("keyplane_revoke_virtual_key", {"key_id": key_id})
-        for _ in range(3):  # read-only calls are counted, not audited
+        for _ in range(3):  # read-only calls are audited too (queued, appended moments later)
             await session.call_tool("keyplane_list_virtual_keys", {})
+    await app.kp.tool_calls.flush()
     events = (await client.get("/api/v1/audit", params={"principal": sa["id"]}, headers=admin)).json()["data"]
+    reads = [e for e in events if e["action"] == "keyplane_list_virtual_keys"]
+    assert len(reads) == 3 and all(e["details"]["outcome"] == "ok" for e in reads)
+    events = [e for e in events if e not in reads]
     assert [e["action"] for e in events] == [
         "keyplane_revoke_virtual_key", "keyplane_rotate_virtual_key", "keyplane_create_virtual_key"]
     created_event = events[-1]

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from keyplane.store import migrate
 from keyplane.store.db import Database
+from tests.conftest import downgrader
 
 
 def test_head_revision_is_alembics_head() -> None:
@@ -28,13 +28,8 @@ async def test_new_older_and_current_stores(settings_factory: Any, monkeypatch: 
         assert await migrate.current_revision(db) == migrate.head_revision()
 
         # A store left at an older revision is brought up to date.
-        def downgrade(connection: Any) -> None:
-            cfg = migrate.alembic_config(db.url)
-            cfg.attributes["connection"] = connection
-            command.downgrade(cfg, "0002")
-
         async with db.write_engine.connect() as conn:
-            await conn.run_sync(downgrade)
+            await conn.run_sync(downgrader(db, "0002"))
             await conn.commit()
         assert await migrate.current_revision(db) == "0002"
         await migrate.upgrade(db)

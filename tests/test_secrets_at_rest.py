@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidTag
+from pydantic import ValidationError
 
 from keyplane.config import Settings
 from keyplane.domain.secrets_box import SecretBox, new_master_key, parse_master_key
@@ -45,6 +46,6 @@ def test_a_new_home_is_private(tmp_path: Path) -> None:
 
 
 def test_postgresql_requires_an_explicit_master_key(tmp_path: Path) -> None:
-    kp = Keyplane(Settings(home=tmp_path, database_url="postgresql+asyncpg://nobody@127.0.0.1:1/none"))
-    with pytest.raises(RuntimeError, match="KEYPLANE_MASTER_KEY"):
-        kp.secret_box()
+    # Refused when the settings are read, before anything connects (the CLI turns it into one line).
+    with pytest.raises(ValidationError, match="KEYPLANE_MASTER_KEY is required with PostgreSQL"):
+        Settings(home=tmp_path, database_url="postgresql+asyncpg://nobody@127.0.0.1:1/none")

@@ -47,3 +47,25 @@ async def test_events_survive_a_store_outage(app: KeyplaneApp) -> None:
     assert len(app.kp.usage_buffer) == 1  # kept, not lost
     await app.kp.flush_usage()
     assert len(app.kp.usage_buffer) == 0 and app.kp.usage_buffer.written == 1
+
+
+async def test_a_store_restarting_keeps_the_batch_instead_of_quarantining_it() -> None:
+    """PostgreSQL restarting answers 57P01/57P03 (operator intervention) through a plain DBAPIError: that is
+    the store's state, not a poison record, so the whole batch is kept for the next flush, never split."""
+    from sqlalchemy.exc import DBAPIError
+
+    class AdminShutdown(Exception):
+        sqlstate = "57P01"
+
+    calls: list[int] = []
+
+    async def restarting(batch: list[dict[str, object]]) -> None:
+        calls.append(len(batch))
+        raise DBAPIError("INSERT …", None, AdminShutdown("terminating connection due to administrator command"))
+
+    buffer = UsageBuffer()
+    for i in range(4):
+        buffer.add({"n": i})
+    assert await buffer.flush(restarting) == 0
+    assert calls == [4]  # one attempt, not halved down to single records
+    assert buffer.quarantined == 0 and [e["n"] for e in buffer.take()] == [0, 1, 2, 3]

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import text
 
 from keyplane import __version__
@@ -13,15 +14,20 @@ from keyplane.api import errors
 from keyplane.api.routes import router
 from keyplane.services.container import Keyplane
 
+DOCS_ASSETS = "/docs/assets"
+
 
 def build_api(kp: Keyplane) -> FastAPI:
-    api = FastAPI(
+    # Swagger UI from the assets fastapi-offline ships (no CDN): /docs works on a host with no internet.
+    api = FastAPIOffline(
         title="keyplane",
         version=__version__,
         description="Control plane for keyplane: virtual keys, service accounts, limit profiles, audit.",
         docs_url="/docs",
         redoc_url=None,
         openapi_url="/openapi.json",
+        static_url=DOCS_ASSETS,
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
     )
     api.state.keyplane = kp
     errors.install(api)

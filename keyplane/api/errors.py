@@ -10,10 +10,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from keyplane.domain import secret_scan
 from keyplane.domain.errors import KeyplaneError, error_type_for
 
 log = logging.getLogger("keyplane.api")
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 # What a lost database connection surfaces as (SQLAlchemy's wrappers, or the driver's socket errors).
 STORE_UNREACHABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, DisconnectionError,
@@ -22,7 +26,7 @@ STORE_UNREACHABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceErr
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
                    **extra: Any) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "type": error_type_for(status), **extra}}
+    body = {"error": {"code": code, "message": message, "type": error_type_for(status, code), **extra}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -49,17 +53,31 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(
             415, "invalid_request", f"Send a JSON body with 'Content-Type: application/json' (got '{content_type}')"
         )
-    details = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": _describe(e)} for e in errors[:20]]
+    # A location may name a map key the caller sent (metadata): never echo a secret back, even to its sender.
+    details = [{"field": secret_scan.mask_text(".".join(str(p) for p in e.get("loc", ()))),
+                "problem": secret_scan.mask_text(_describe(e))} for e in errors[:20]]
     message = "; ".join(d["problem"] for d in details) or "Invalid request"
     return error_response(422, "invalid_request", message, details=details)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette names only the first route that matched)."""
+    allowed = set()
+    for method in _METHODS:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.add(method)
+    return ", ".join(sorted(allowed))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
         return error_response(404, "not_found", "No such route")
     if exc.status_code == 405:
-        return error_response(405, "method_not_allowed", "Method not allowed on this route", headers=exc.headers)
+        allowed = _allowed_methods(request)
+        return error_response(405, "method_not_allowed", f"Method not allowed on this route; use {allowed}",
+                              headers={**(exc.headers or {}), "Allow": allowed})
     return error_response(exc.status_code, "invalid_request", str(exc.detail), headers=exc.headers)
 
 

@@ -14,7 +14,14 @@ _TYPE_BY_STATUS = {
 }
 
 
-def error_type_for(status: int) -> str:
+# Codes whose type does not follow from the status: an upstream's own 4xx is passed on with its status (the
+# client can act on it), yet it is the upstream's error, not a malformed request to keyplane.
+_TYPE_BY_CODE = {"upstream_error": "upstream_error", "upstream_timeout": "upstream_error"}
+
+
+def error_type_for(status: int, code: str | None = None) -> str:
+    if code in _TYPE_BY_CODE:
+        return _TYPE_BY_CODE[code]
     if status in _TYPE_BY_STATUS:
         return _TYPE_BY_STATUS[status]
     return "api_error" if status >= 500 else "invalid_request_error"
@@ -44,7 +51,7 @@ class KeyplaneError(Exception):
 
     @property
     def type(self) -> str:
-        return error_type_for(self.status)
+        return error_type_for(self.status, self.code)
 
     def body(self) -> dict[str, Any]:
         err: dict[str, Any] = {"code": self.code, "message": self.message, "type": self.type}
@@ -103,6 +110,17 @@ def cannot_grant(scopes: list[str]) -> KeyplaneError:
         403,
         "insufficient_scope",
         f"You cannot grant scopes you do not hold: {listed}",
+        extra={"scope": sorted(scopes)[0]},
+    )
+
+
+def parent_lacks(parent_id: str, scopes: list[str]) -> KeyplaneError:
+    """A sub-key asked for scopes its parent key does not have (the caller may well hold them)."""
+    listed = ", ".join(sorted(scopes))
+    return KeyplaneError(
+        403,
+        "insufficient_scope",
+        f"The parent key '{parent_id}' lacks scopes {listed}: a sub-key is never wider than its parent",
         extra={"scope": sorted(scopes)[0]},
     )
 

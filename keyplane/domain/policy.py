@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,8 @@ class Limits:
     tokens_per_minute: int | None = None
     cost_per_day_usd: float | None = None
     budget_per_month_usd: float | None = None
+    # An answer longer than the budget pays for: lower max_tokens to fit (True) or refuse the request.
+    clamp_output: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -101,7 +103,9 @@ class KeySnapshot:
     status: str
     scopes: frozenset[str]
     expires_at: float | None
-    networks: tuple[IPNetwork, ...]
+    # Every non-empty IP allowlist of the key and its ancestors: a client must be admitted by each one,
+    # so a sub-key is never reachable from where its parent is not.
+    allowlists: tuple[tuple[IPNetwork, ...], ...]
     limits: Limits
     limit_profile: str | None
     ancestor_ids: tuple[str, ...] = ()
@@ -115,6 +119,8 @@ class KeySnapshot:
     buckets: tuple[tuple[str, int], ...] = ()
     # (bucket id, limits) for this key and each ancestor with a token, daily-cost or monthly limit.
     spend_limits: tuple[tuple[str, Limits], ...] = ()
+    # MCP permissions of the key and of each ancestor (keyplane.domain.mcp_access): all must allow.
+    mcp_grants: tuple[Mapping[str, tuple[str, ...]], ...] = ()
     # The verify API's view of the key, serialized once at load time (compact: ~10x smaller than a dict).
     public_json: bytes = field(default=b"null", compare=False)
 
@@ -142,8 +148,9 @@ def check(
         return DISABLED, None
     if key.expires_at is not None and now >= key.expires_at:
         return EXPIRED, None
-    if not ip_allowed(key.networks, ip):
-        return IP_NOT_ALLOWED, None
+    for networks in key.allowlists:
+        if not ip_allowed(networks, ip):
+            return IP_NOT_ALLOWED, None
     for scope in scopes:
         if scope not in key.scopes:
             return INSUFFICIENT_SCOPE, scope

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any
 
 import orjson
@@ -102,3 +104,34 @@ async def send_error(send: Send, exc: KeyplaneError, headers: list[tuple[bytes, 
     if headers:
         extra.extend(headers)
     await send_json(send, exc.status, exc.body(), extra)
+
+
+async def client_gone(receive: Receive) -> None:
+    """Returns when the client disconnects (every other message of a streaming response is ignored)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientLeft(Exception):
+    """The client disconnected before the relay finished: the relay was cancelled."""
+
+
+async def relay_until_client_leaves(pump: Coroutine[Any, Any, None], receive: Receive) -> None:
+    """Run ``pump`` (a stream's relay) until it ends or the client leaves, whichever comes first.
+
+    Raises ``ClientLeft`` when the client left first (``pump`` is cancelled, so the upstream call is too),
+    or whatever ``pump`` raised. Shared by the LLM proxy and the MCP gateway: one cancellation rule.
+    """
+    pumping = asyncio.ensure_future(pump)
+    watching = asyncio.ensure_future(client_gone(receive))
+    try:
+        done, _ = await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pumping, watching):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+    if pumping not in done:
+        raise ClientLeft
+    pumping.result()

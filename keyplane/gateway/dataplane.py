@@ -8,13 +8,28 @@ from datetime import UTC, datetime
 from keyplane.domain.errors import KeyplaneError, not_found
 from keyplane.domain.policy import KeySnapshot
 from keyplane.domain.scopes import DATA_PLANE_ROUTES
-from keyplane.gateway.asgi import BodyTooLarge, Receive, Scope, Send, read_body, send_error
+from keyplane.gateway.asgi import BodyTooLarge, Receive, Scope, Send, read_body, send_error, send_json
 from keyplane.gateway.enforce import Enforcer, Refused
 from keyplane.gateway.metrics import Metrics
-from keyplane.gateway.proxy import Outcome, Upstream, send_models
+from keyplane.gateway.model_name import model_named
+from keyplane.gateway.proxy import Outcome, Upstream, send_model, send_models
+from keyplane.gateway.wire import APIS, anthropic_error_body, speaks_anthropic
 from keyplane.services.container import Keyplane
 
 MODELS_PATH = "/v1/models"
+MODEL_PREFIX = "/v1/models/"
+MODEL_ROUTE = "/v1/models/{model}"  # one model (client.models.retrieve): the id is the rest of the path, "/" too
+STORED_RESPONSE = "/v1/responses/{response_id}"
+
+
+async def send_refusal(send: Send, path: str, error: KeyplaneError,
+                       headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """keyplane's error shape, or Anthropic's on the Messages routes (wire.anthropic_error_body)."""
+    if not speaks_anthropic(path):
+        await send_error(send, error, headers)
+        return
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
+    await send_json(send, error.status, anthropic_error_body(error), extra + (headers or []))
 
 
 class DataPlane:
@@ -24,38 +39,64 @@ class DataPlane:
         self.metrics = metrics
         self.upstream = upstream
         self.max_body = kp.settings.max_body_bytes
+        self.body_limits = {path: max(self.max_body, kp.settings.max_agent_body_bytes)
+                            for path, api in APIS.items() if api.agent_sized}
         self.log_requests = kp.settings.access_log
-        self.routes = dict(DATA_PLANE_ROUTES)
-        self.paths = {path for _method, path in DATA_PLANE_ROUTES}
+        self.routes = {route: scope for route, scope in DATA_PLANE_ROUTES.items() if "{" not in route[1]}
+        # (method, prefix, template, scope) for routes ending in one {parameter}
+        self.templates = [(method, path[:path.index("{")], path, scope)
+                          for (method, path), scope in DATA_PLANE_ROUTES.items() if "{" in path]
+        self.paths = {path for _method, path in self.routes}
+        self.templates_scope = {(method, template): scope for method, _prefix, template, scope in self.templates}
+
+    def resolve(self, method: str, path: str) -> tuple[str, str | None]:
+        """(the route as recorded, its required scope or None): templates are recorded, not raw paths."""
+        if path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX):  # model ids may hold "/"
+            return MODEL_ROUTE, self.templates_scope.get((method, MODEL_ROUTE))
+        required = self.routes.get((method, path))
+        if required is not None or path in self.paths:
+            return path, required
+        for template_method, prefix, template, scope in self.templates:
+            rest = path[len(prefix):]
+            if path.startswith(prefix) and rest and "/" not in rest:
+                return template, scope if template_method == method else None
+        return path, None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         path = scope["path"]
-        required_scope = self.routes.get((scope["method"], path))
+        route, required_scope = self.resolve(scope["method"], path)
         outcome = Outcome()
         key: KeySnapshot | None = None
         ip = ""
         if required_scope is None:
-            if path in self.paths:
-                error = KeyplaneError(405, "method_not_allowed", f"{scope['method']} is not allowed on {path}")
+            if route != path or path in self.paths:
+                allowed = ", ".join(sorted({m for m, p in self.routes if p == route}
+                                           | {m for m, _prefix, t, _s in self.templates if t == route}))
+                error = KeyplaneError(405, "method_not_allowed", f"{scope['method']} is not allowed on {route}",
+                                      headers={"Allow": allowed})
             else:
                 error = not_found("route", path)
-            await send_error(send, error)
+            await send_refusal(send, path, error)
             outcome.status, outcome.code = error.status, error.code
-            self._finish(path, outcome, None, ip, started)
+            self._finish(route, outcome, None, ip, started)
             return
+        body = b""
         try:
+            limit = self.body_limits.get(path, self.max_body)
             try:
-                body = await read_body(receive, self.max_body, scope)
+                body = await read_body(receive, limit, scope)
             except BodyTooLarge:
                 raise Refused(KeyplaneError(413, "payload_too_large",
-                                            f"Request bodies are limited to {self.max_body} bytes")) from None
+                                            f"Request bodies are limited to {limit} bytes")) from None
             admission = await self.enforcer.admit(scope, required_scope, body)
         except Refused as refused:
             self.metrics.auth_seconds.observe(time.perf_counter() - started)
-            await send_error(send, refused.error, refused.headers)
+            await send_refusal(send, path, refused.error, refused.headers)
             outcome.status, outcome.code = refused.error.status, refused.error.code
-            self._finish(path, outcome, refused.key, refused.ip or self.enforcer.addresses.of(scope), started)
+            if refused.key is not None:  # the model it asked for, so that refusals are counted under it
+                outcome.model = model_named(body)
+            self._finish(route, outcome, refused.key, refused.ip or self.enforcer.addresses.of(scope), started)
             return
         self.metrics.auth_seconds.observe(time.perf_counter() - started)
         key, ip = admission.key, admission.client_ip
@@ -63,28 +104,39 @@ class DataPlane:
             if path == MODELS_PATH:
                 await send_models(self.kp, admission, send)
                 outcome.status = 200
+            elif route == MODEL_ROUTE:
+                outcome.model = path[len(MODEL_PREFIX):][:200]
+                await send_model(self.kp, admission, path[len(MODEL_PREFIX):], send)
+                outcome.status = 200
+            elif route == STORED_RESPONSE:
+                await self.upstream.forward_get_response(admission, path.rpartition("/")[2], receive, send, outcome,
+                                                         scope)
             else:
-                await self.upstream.forward(admission, path, body, receive, send, outcome)
+                await self.upstream.forward(admission, path, body, receive, send, outcome, scope)
         except KeyplaneError as error:
-            await send_error(send, error, admission.headers)
+            await send_refusal(send, path, error, admission.headers)
             outcome.status, outcome.code = error.status, error.code
-        if outcome.input_tokens or outcome.output_tokens or outcome.cost_usd:
-            # After the answer went out; counted before this request's task ends.
-            await self.kp.spend.add(key.spend_buckets, outcome.input_tokens + outcome.output_tokens, outcome.cost_usd)
-        self._finish(path, outcome, key, ip, started)
+        finally:
+            # Normally settled before the answer's last byte (Upstream.settle); here a stream the client
+            # left, a failure (its reservation is released) or a cancelled request.
+            await self.upstream.settle(admission, outcome)
+        self._finish(route, outcome, key, ip, started)
 
     def _finish(self, route: str, outcome: Outcome, key: KeySnapshot | None, ip: str, started: float) -> None:
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self.metrics.count(route, outcome.status, outcome.code)
         key_id = key.id if key else None
-        self.kp.usage_buffer.add({
-            "org_id": key.org_id if key else None, "key_id": key_id, "parent_id": key.parent_id if key else None,
-            "provider": outcome.provider, "model": outcome.model, "endpoint": route, "status": outcome.status,
-            "code": outcome.code, "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
-            "cost_usd": outcome.cost_usd, "latency_ms": latency_ms, "client_ip": ip or None,
-            "cost_center": key.cost_center if key else None, "environment": key.environment if key else None,
-            "time": datetime.now(UTC),
-        })
+        if key is not None:
+            # A request no key vouches for belongs to no organization: it is counted above (keyplane_requests),
+            # never stored, so an anonymous flood costs no disk.
+            self.kp.usage_buffer.add({
+                "org_id": key.org_id, "key_id": key_id, "parent_id": key.parent_id,
+                "provider": outcome.provider, "model": outcome.model, "endpoint": route, "status": outcome.status,
+                "code": outcome.code, "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens,
+                "cache_write_tokens": outcome.cache_write_tokens, "cache_read_tokens": outcome.cache_read_tokens,
+                "cost_usd": outcome.cost_usd, "latency_ms": latency_ms, "client_ip": ip or None,
+                "cost_center": key.cost_center, "environment": key.environment, "time": datetime.now(UTC),
+            })
         if self.log_requests:
             self.kp.access_log.record({"route": route, "status": outcome.status, "code": outcome.code,
                                        "key_id": key_id, "model": outcome.model, "client_ip": ip, "ms": latency_ms})

@@ -93,7 +93,8 @@ class Enforcer:
             key = await self.kp.lookup_key(token)
         except KeyplaneError as exc:  # the store is down and the key is not cached
             raise Refused(exc) from None
-        code, missing = policy.check(key, now, scopes=(required_scope,), ip=ip)
+        # "" asks for no scope: the MCP gateway decides per JSON-RPC method after admission.
+        code, missing = policy.check(key, now, scopes=(required_scope,) if required_scope else (), ip=ip)
         if code != policy.VALID:
             if code == policy.NOT_FOUND:
                 self.brake.fail(ip, now)
@@ -101,8 +102,10 @@ class Enforcer:
         assert key is not None
         signature = header(scope, b"x-mcp-signature")
         if key.require_signature or signature is not None:
-            problem = signing.check(token, header(scope, b"x-mcp-timestamp"), signature, body, now)
-            if problem is None and not await self.replays.first_use(f"{key.id}:{signature}", now):
+            checked = signing.check(token, header(scope, b"x-mcp-timestamp"), signature, body, now)
+            problem = checked.problem
+            # The window remembers the canonical form the check compared: case or padding is no new request.
+            if problem is None and not await self.replays.first_use(f"{key.id}:{checked.signature}", now):
                 problem = "This signature was already used: sign every request afresh"
             if problem is not None:
                 self.brake.fail(ip, now)

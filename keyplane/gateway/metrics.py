@@ -52,6 +52,12 @@ class _CacheCollector(Collector):
                                   value=buffer.written)
         yield CounterMetricFamily("keyplane_usage_events_dropped", "Usage events dropped: buffer full",
                                   value=buffer.dropped)
+        yield CounterMetricFamily("keyplane_usage_events_sanitised",
+                                  "Usage events stored with NUL, surrogates or out-of-range numbers replaced",
+                                  value=buffer.sanitised)
+        yield CounterMetricFamily("keyplane_usage_events_quarantined",
+                                  "Usage events the store refused even sanitised: dropped, the rest written",
+                                  value=buffer.quarantined)
         yield GaugeMetricFamily("keyplane_usage_buffer_events", "Usage events waiting to be written",
                                 value=len(buffer))
         deliveries = CounterMetricFamily("keyplane_alert_deliveries", "Alert webhooks by outcome",

@@ -1,26 +1,33 @@
-"""Forwarding to an OpenAI-compatible upstream with the provider's secret: pooled, streamed, metered."""
+"""Forwarding to an upstream with the provider's secret: pooled, streamed, metered.
+
+What differs between the APIs (OpenAI-compatible or Anthropic, where usage is) is in wire.py;
+this module does the same thing for all of them.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import orjson
 
 from keyplane.domain.errors import KeyplaneError, invalid_request
-from keyplane.gateway.asgi import Receive, Send, send_json
+from keyplane.gateway import budget
+from keyplane.gateway.asgi import ClientLeft, Receive, Scope, Send, relay_until_client_leaves, send_json
 from keyplane.gateway.enforce import Admission
-from keyplane.runtime.spend import Exhausted
+from keyplane.gateway.http_client import HttpClient, HttpClientError, Response
+from keyplane.gateway.model_name import recorded_model
+from keyplane.gateway.wire import ANTHROPIC, ANTHROPIC_VERSION, APIS, Api, Tokens, UsageReader
+from keyplane.runtime.response_owners import ResponseOwners, SharedResponseOwners
+from keyplane.runtime.spend import Exhausted, Grant
 from keyplane.services.container import Keyplane
 from keyplane.services.providers import Route, secret_mask
 
-STREAMABLE = frozenset({"/v1/chat/completions", "/v1/completions"})
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; recorded, never sent
 
 
@@ -32,27 +39,39 @@ class Outcome:
     code: str = "ok"
     provider: str | None = None
     model: str | None = None
-    input_tokens: int = 0
+    input_tokens: int = 0  # every prompt token, cached ones included (wire.Tokens)
     output_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
     cost_usd: float = 0.0
+    settled: bool = False  # the spend is counted in the ledger already
+    grant: Grant | None = None  # the reservation this request holds until it is settled
+    route: Route | None = None
+    streamed: bool = False  # an event stream started: the answer is (partly) generated
+    stream_done: bool = False  # … and ran to its end
+    relayed_bytes: int = 0
 
-    def meter(self, route: Route, usage: Any) -> None:
-        if not isinstance(usage, dict):
+    def meter(self, route: Route, tokens: Tokens | None) -> None:
+        if tokens is None:
             return
-        self.input_tokens = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
-        self.output_tokens = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
-        self.cost_usd = route.cost(self.input_tokens, self.output_tokens)
+        self.input_tokens, self.output_tokens = tokens.input, tokens.output
+        self.cache_write_tokens, self.cache_read_tokens = tokens.cache_write, tokens.cache_read
+        self.cost_usd = route.cost(tokens.input, tokens.output, tokens.cache_write, tokens.cache_read)
 
 
 def spend_refusal(spent: Exhausted) -> KeyplaneError:
+    """The request's worst case does not fit what a window has left (settled and reserved spend deducted)."""
     retry_after = max(1, math.ceil(spent.resets_at - time.time()))
     resets_at = datetime.fromtimestamp(spent.resets_at, UTC).isoformat().replace("+00:00", "Z")
     what = "tokens this minute" if spent.is_rate else "USD"
+    left = f"{spent.remaining:.0f}" if spent.is_rate else f"{spent.remaining:.6g}"
     return KeyplaneError(
-        429, "rate_limited" if spent.is_rate else "budget_exceeded",
-        f"Limit {spent.limit} of {spent.value:g} {what} is spent; it resets at {resets_at}",
+        429, "tokens_exceeded" if spent.is_rate else "budget_exceeded",
+        f"Limit {spent.limit} of {spent.value:g} {what}: {left} left (in-flight requests' reservations "
+        f"deducted), not enough for this request; it resets at {resets_at}",
         headers={"Retry-After": str(retry_after)},
-        extra={"limit": spent.limit, "resets_at": resets_at, "retry_after": retry_after},
+        extra={"limit": spent.limit, "remaining": round(spent.remaining, 9), "resets_at": resets_at,
+               "retry_after": retry_after},
     )
 
 
@@ -69,42 +88,62 @@ def upstream_message(resp_body: bytes, route: Route) -> str:
     return text[:1000]
 
 
-def _usage_from_sse(line: bytes) -> Any:
-    """The ``usage`` object of one ``data: {...}`` line, if it carries one."""
-    if not line.startswith(b"data:") or b'"usage"' not in line:
-        return None
+def _read_sse_line(line: bytes, reader: UsageReader) -> bool:
+    """Hand one ``data: {...}`` line to the usage reader if it can carry usage (or a response id)."""
+    if not line.startswith(b"data:") or (b'"usage"' not in line and b'"response.created"' not in line):
+        return False
     try:
-        event = orjson.loads(line[5:].strip())
+        reader.event(orjson.loads(line[5:].strip()))
     except orjson.JSONDecodeError:
-        return None
-    return event.get("usage") if isinstance(event, dict) else None
+        return False
+    return True
+
+
+def _upstream_headers(api: Api, route: Route, scope: Scope | None, stream: bool) -> dict[str, str]:
+    headers = {"content-type": "application/json", "accept": "text/event-stream" if stream else "application/json"}
+    if route.kind == ANTHROPIC:
+        headers["anthropic-version"] = ANTHROPIC_VERSION
+        if route.api_key:
+            headers["x-api-key"] = route.api_key
+    elif route.api_key:
+        headers["authorization"] = f"Bearer {route.api_key}"
+    if scope is not None and api.forwarded_headers:
+        for name, value in scope["headers"]:
+            if name in api.forwarded_headers:
+                headers[name.decode("latin-1")] = value.decode("latin-1")
+    return headers
+
+
+def _query(scope: Scope | None) -> str:
+    raw = scope.get("query_string", b"") if scope is not None else b""
+    return "?" + raw.decode("latin-1") if raw else ""
 
 
 class Upstream:
-    """One aiohttp session for every provider: connections are pooled, kept alive and reused.
+    """One pooled HTTP client for every provider: connections are kept alive and reused per upstream.
 
-    (httpx was measured first: its pool managed ~500 req/s under concurrency on this machine,
-    aiohttp ~6,900; see docs/performance.md.)
+    (httpx was measured first, ~500 req/s under concurrency here; aiohttp ~6,900; the lean client in
+    gateway/http_client.py spends about a quarter of aiohttp's CPU per request: see docs/performance.md.)
     """
 
     def __init__(self, kp: Keyplane) -> None:
         self.kp = kp
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HttpClient | None = None
+        # Answers stored upstream that a key may read back (GET /v1/responses/{id}).
+        self.stored_responses = (ResponseOwners() if kp.shared is None else SharedResponseOwners(kp.shared))
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:  # created lazily: it belongs to the running event loop
-            limit = self.kp.settings.upstream_max_connections
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300), trust_env=False
-            )
-        return self._session
+    def client(self) -> HttpClient:
+        if self._client is None:
+            self._client = HttpClient(max_connections=self.kp.settings.upstream_max_connections)
+        return self._client
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
-    async def route_for(self, admission: Admission, body: bytes, outcome: Outcome) -> tuple[Route, dict[str, Any]]:
+    async def route_for(self, admission: Admission, body: bytes, outcome: Outcome,
+                        api: Api | None = None) -> tuple[Route, dict[str, Any]]:
         try:
             request = orjson.loads(body) if body else None
         except orjson.JSONDecodeError:
@@ -114,7 +153,7 @@ class Upstream:
         model = request.get("model")
         if not isinstance(model, str) or not model:
             raise invalid_request("'model' is required", param="model")
-        outcome.model = model[:200]
+        outcome.model = recorded_model(model)
         allowed = admission.key.allowed_models
         if allowed and model not in allowed:
             raise KeyplaneError(403, "model_not_allowed", f"This key may not use model '{model}'",
@@ -123,49 +162,138 @@ class Upstream:
         if route is None:
             raise KeyplaneError(404, "not_found", f"No provider serves model '{model}'", extra={"param": "model"})
         outcome.provider = route.provider
+        if api is not None and route.kind != api.provider_kind:
+            raise invalid_request(f"Model '{model}' is served by provider '{route.provider}' of kind '{route.kind}', "
+                                  f"which does not speak this API: it needs a provider of kind "
+                                  f"'{api.provider_kind}'", param="model")
         return route, request
 
     async def forward(self, admission: Admission, path: str, body: bytes, receive: Receive, send: Send,
-                      outcome: Outcome) -> None:
-        route, request = await self.route_for(admission, body, outcome)
-        spent = await self.kp.check_spend(admission.key)
-        if spent is not None:
-            raise spend_refusal(spent)
-        stream = request.get("stream") is True and path in STREAMABLE
-        if stream:
+                      outcome: Outcome, scope: Scope | None = None) -> None:
+        api = APIS[path]
+        route, request = await self.route_for(admission, body, outcome, api)
+        outcome.route = route
+        changed = False
+        if admission.key.spend_limits and api.metered:
+            changed = await self.reserve(admission, api, request, len(body), route, outcome)
+        stream = request.get("stream") is True and api.streams
+        if stream and api.ask_stream_usage:
             options = request.get("stream_options")
             if not isinstance(options, dict) or options.get("include_usage") is not True:
                 # Usage comes from the upstream's own count: ask for it on streams.
                 request["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-                body = orjson.dumps(request)
-        headers = {"content-type": "application/json", "accept": "text/event-stream" if stream else "application/json"}
-        if route.api_key:
-            headers["authorization"] = f"Bearer {route.api_key}"
-        url = route.base_url + path[len("/v1"):]
+                changed = True
+        if changed:
+            body = orjson.dumps(request)
+        reader = UsageReader(api)
+        url = route.base_url + path[len("/v1"):] + _query(scope)
+        store = request.get("store") is not False
+
+        async def before_last_byte() -> None:
+            await self.settle(admission, outcome)
+            if reader.response_id is not None and store:
+                await self.stored_responses.remember(reader.response_id, admission.key.id, outcome.model or "")
+
+        await self._relay("POST", url, body, _upstream_headers(api, route, scope, stream), route, admission,
+                          receive, send, outcome, reader if api.metered else None, stream, before_last_byte)
+
+    async def forward_get_response(self, admission: Admission, response_id: str, receive: Receive, send: Send,
+                                   outcome: Outcome, scope: Scope | None = None) -> None:
+        """``GET /v1/responses/{id}``: only an answer this key created through this gateway."""
+        model = await self.stored_responses.model_for(response_id, admission.key.id)
+        allowed = admission.key.allowed_models
+        route = (await self.kp.routes_for(admission.key.org_id)).get(model) if model else None
+        if route is None or (allowed and model not in allowed):
+            raise KeyplaneError(404, "not_found", f"No stored response '{response_id[:100]}' for this key",
+                                extra={"param": "response_id"})
+        outcome.provider, outcome.model = route.provider, model
+        url = f"{route.base_url}/responses/{response_id}{_query(scope)}"
+        headers = _upstream_headers(APIS["/v1/responses"], route, scope, False)
+        await self._relay("GET", url, None, headers, route, admission, receive, send, outcome, None, False, None)
+
+    async def reserve(self, admission: Admission, api: Api, request: dict[str, Any], body_len: int, route: Route,
+                      outcome: Outcome) -> bool:
+        """Reserve the request's worst case in every spend window of the key and its parents, or refuse it;
+        lower its output bound to what the budget covers (gateway/budget.py). True: the request changed."""
+        settings = self.kp.settings
+        ask, named = budget.ask_for(api, request, body_len, route, admission.key, settings.prompt_bytes_per_token,
+                                    settings.output_allowance_tokens)
+        if not named and not ask.clamp:
+            raise budget.unbounded(api)
+        granted = await self.kp.reserve_spend(admission.key, ask)
+        if isinstance(granted, Exhausted):
+            raise spend_refusal(granted)
+        outcome.grant = granted
+        if not api.output_fields or (named and granted.output_tokens >= ask.output_tokens):
+            return False
+        bound = request[budget.apply_allowance(api, request, granted.output_tokens)]
+        admission.headers = [*admission.headers, (budget.CLAMPED_HEADER, str(bound).encode())]
+        return True
+
+    async def settle(self, admission: Admission, outcome: Outcome) -> None:
+        """Count what an answer cost before its last byte goes out: a client that sends its next request
+        as soon as this one ends (every agent loop) finds the spend already counted, also in Redis.
+        The reservation is dropped at the same time; a request that failed before an answer releases it.
+        A stream that ended early (the client left, the upstream broke) settles from what was generated:
+        the reported usage, at least the bytes relayed as output tokens, never above the reservation; from
+        the reservation itself if the provider reported nothing."""
+        if outcome.settled:
+            return
+        tokens, cost = outcome.input_tokens + outcome.output_tokens, outcome.cost_usd
+        grant = outcome.grant
+        if grant is None and not (tokens or cost):
+            return
+        outcome.settled = True
+        if grant is not None and outcome.streamed and not outcome.stream_done:
+            # The usage event records the same estimate, so a restart seeds the budget from what was counted.
+            if not tokens:
+                outcome.input_tokens, outcome.output_tokens = grant.tokens - grant.output_tokens, grant.output_tokens
+                tokens, cost = grant.tokens, grant.usd
+            elif outcome.route is not None:
+                generated = math.ceil(outcome.relayed_bytes / self.kp.settings.prompt_bytes_per_token)
+                outcome.output_tokens = max(outcome.output_tokens, min(generated, grant.output_tokens))
+                tokens = outcome.input_tokens + outcome.output_tokens
+                cost = outcome.route.cost(outcome.input_tokens, outcome.output_tokens, outcome.cache_write_tokens,
+                                          outcome.cache_read_tokens)
+            outcome.cost_usd = cost
+        await self.kp.settle_spend(admission.key, grant, tokens, cost)
+
+    async def _relay(self, method: str, url: str, body: bytes | None, headers: dict[str, str], route: Route,
+                     admission: Admission, receive: Receive, send: Send, outcome: Outcome,
+                     reader: UsageReader | None, stream: bool,
+                     before_last_byte: Callable[[], Awaitable[None]] | None) -> None:
+        """Send the request, relay the answer. ``before_last_byte`` runs once the usage is known and before
+        the client sees the answer end: what the client's next request must find done happens there."""
         # The timeout bounds connecting and each wait for data, not a whole (possibly long) stream.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.timeout, sock_read=route.timeout)
         try:
-            response = await self.session().post(url, data=body, headers=headers, timeout=timeout)
+            response = await self.client().request(method, url, headers, body, connect_timeout=route.timeout,
+                                                   read_timeout=route.timeout)
         except TimeoutError:
             raise KeyplaneError(504, "upstream_timeout",
                                 f"Provider '{route.provider}' did not answer within {route.timeout:g} s") from None
-        except aiohttp.ClientError as exc:
+        except HttpClientError as exc:
             raise KeyplaneError(502, "upstream_error",
-                                f"Could not reach provider '{route.provider}': {type(exc).__name__}") from None
+                                f"Could not reach provider '{route.provider}': {exc}") from None
         try:
             if response.status >= 400:
                 raw = await response.read()
+                retry_after = response.headers.get("retry-after")
                 raise KeyplaneError(response.status, "upstream_error",
                                     f"Provider '{route.provider}' answered {response.status}: "
-                                    f"{upstream_message(raw, route)}")
-            if stream:
-                await self._stream(response, route, admission, receive, send, outcome)
+                                    f"{upstream_message(raw, route)}",
+                                    headers={"Retry-After": retry_after} if retry_after else None)
+            if stream and response.headers.get("content-type", "").startswith("text/event-stream"):
+                await self._stream(response, route, admission, receive, send, outcome, reader, before_last_byte)
             else:
                 raw = await response.read()
-                try:
-                    outcome.meter(route, orjson.loads(raw).get("usage"))
-                except (orjson.JSONDecodeError, AttributeError):
-                    pass
+                if reader is not None:
+                    try:
+                        reader.body(orjson.loads(raw))
+                    except orjson.JSONDecodeError:
+                        pass
+                    outcome.meter(route, reader.tokens())
+                if before_last_byte is not None:
+                    await before_last_byte()
                 content_type = response.headers.get("content-type", "application/json").encode("latin-1")
                 await send({"type": "http.response.start", "status": response.status, "headers": [
                     (b"content-type", content_type), (b"content-length", str(len(raw)).encode()),
@@ -174,61 +302,63 @@ class Upstream:
                 outcome.status = response.status
         except TimeoutError:
             raise KeyplaneError(504, "upstream_timeout", f"Provider '{route.provider}' timed out") from None
-        except aiohttp.ClientError as exc:
+        except HttpClientError as exc:
             raise KeyplaneError(502, "upstream_error",
-                                f"Provider '{route.provider}' broke the connection: {type(exc).__name__}") from None
+                                f"Provider '{route.provider}' broke the connection: {exc}") from None
         finally:
             response.release()
 
-    async def _stream(self, response: aiohttp.ClientResponse, route: Route, admission: Admission,
-                      receive: Receive, send: Send, outcome: Outcome) -> None:
+    async def _stream(self, response: Response, route: Route, admission: Admission,
+                      receive: Receive, send: Send, outcome: Outcome, reader: UsageReader | None,
+                      before_last_byte: Callable[[], Awaitable[None]] | None) -> None:
         """Chunk by chunk, no buffering of the answer; a client that leaves cancels the upstream call."""
         await send({"type": "http.response.start", "status": response.status, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), *admission.headers]})
         outcome.status = response.status
+        outcome.streamed = True
 
         async def pump() -> None:
             pending = b""
-            async for chunk in response.content.iter_any():
+            async for chunk in response.chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                outcome.relayed_bytes += len(chunk)
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    usage = _usage_from_sse(line.strip())
-                    if usage:
-                        outcome.meter(route, usage)
+                if reader is not None and any([_read_sse_line(line.strip(), reader) for line in lines]):
+                    outcome.meter(route, reader.tokens())
+            outcome.stream_done = True
+            if before_last_byte is not None:
+                await before_last_byte()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        async def client_gone() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        pumping = asyncio.ensure_future(pump())
-        watching = asyncio.ensure_future(client_gone())
         try:
-            done, _ = await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (pumping, watching):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-        if pumping in done:
-            exc = pumping.exception()
-            if exc is not None:
-                # Headers are gone already: end the stream and record what happened.
-                outcome.code = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_error"
-                response.close()
-                with contextlib.suppress(Exception):
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-        else:
+            await relay_until_client_leaves(pump(), receive)
+        except ClientLeft:
             response.close()  # drop the upstream connection: the upstream sees the cancellation
             outcome.status, outcome.code = CLIENT_CLOSED, "client_disconnected"
+        except Exception as exc:
+            # Headers are gone already: end the stream and record what happened.
+            outcome.code = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_error"
+            response.close()
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _model(name: str, route: Route) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": route.provider}
 
 
 async def send_models(kp: Keyplane, admission: Admission, send: Send) -> None:
     routes = await kp.routes_for(admission.key.org_id)
     allowed = admission.key.allowed_models
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": route.provider}
-            for name, route in sorted(routes.items()) if not allowed or name in allowed]
+    data = [_model(name, route) for name, route in sorted(routes.items()) if not allowed or name in allowed]
     await send_json(send, 200, {"object": "list", "data": data}, admission.headers)
+
+
+async def send_model(kp: Keyplane, admission: Admission, name: str, send: Send) -> None:
+    """``GET /v1/models/{id}``: the model as listed, or 404 when this key cannot see it (as if it did not exist)."""
+    route = (await kp.routes_for(admission.key.org_id)).get(name)
+    allowed = admission.key.allowed_models
+    if route is None or (allowed and name not in allowed):
+        raise KeyplaneError(404, "not_found", f"No model '{name}' is available to this key", extra={"param": "model"})
+    await send_json(send, 200, _model(name, route), admission.headers)

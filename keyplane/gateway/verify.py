@@ -7,7 +7,7 @@ import time
 import orjson
 from pydantic import ValidationError
 
-from keyplane.domain import policy
+from keyplane.domain import policy, secret_scan
 from keyplane.domain.errors import KeyplaneError, invalid_request
 from keyplane.domain.scopes import CONTROL_PLANE_ROUTES
 from keyplane.gateway.asgi import BodyTooLarge, Receive, Scope, Send, bearer, read_body, send_error, send_json
@@ -31,7 +31,7 @@ def _validation_message(exc: ValidationError) -> KeyplaneError:
         f"{'.'.join(str(p) for p in e['loc'])}: {'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}"
         for e in errors[:10]
     )
-    err = invalid_request(problems)
+    err = invalid_request(secret_scan.mask_text(problems))
     err.status = 422
     return err
 

@@ -12,6 +12,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from keyplane.config import Settings
 from keyplane.gateway.asgi import Receive, Scope, Send
 from keyplane.mcp_server.guard import McpGuard
+from keyplane.mcp_server.shaped import in_error_shape
 from keyplane.mcp_server.tools import ToolMetrics, build_mcp_server
 from keyplane.services.container import Keyplane
 
@@ -55,7 +56,7 @@ class McpEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] != MCP_PATH:
             scope = dict(scope, path=MCP_PATH, raw_path=MCP_PATH.encode())  # "/mcp/" is the same endpoint
-        await self.guard(scope, receive, send)
+        await self.guard(scope, receive, in_error_shape(send))
 
     async def start(self) -> None:
         ready = asyncio.Event()

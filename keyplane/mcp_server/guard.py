@@ -10,10 +10,11 @@ to the tools through the ASGI scope's ``state``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-import orjson
+import pydantic_core
 
 from keyplane.domain import scopes as scope_rules
 from keyplane.domain.errors import KeyplaneError, missing_bearer
@@ -33,20 +34,40 @@ def principal_of(request: Any) -> Principal | None:
     return principal if isinstance(principal, Principal) else None
 
 
-def required_scopes(payload: Any) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class Needed:
+    """One scope a request needs, and the tool call (name, arguments) that needs it, if any."""
+
+    scope: str
+    tool: str | None = None
+    arguments: Any = None
+
+
+def parse_body(body: bytes) -> Any:
+    """The body read exactly as the SDK reads it (``pydantic_core.from_json``: NaN, Infinity and all),
+    so no message can mean one thing to this guard and another to the SDK behind it. What this cannot
+    read, the SDK cannot either: it answers with a JSON-RPC parse error and calls no tool."""
+    try:
+        return pydantic_core.from_json(body) if body else None
+    except ValueError:
+        return None
+
+
+def required_scopes(payload: Any) -> list[Needed]:
     """Scopes a JSON-RPC message (or a batch of them) needs: only tools/call is scoped per tool.
 
     Unknown tools need nothing here: the SDK answers them with a clear "unknown tool" error.
     """
     messages = payload if isinstance(payload, list) else [payload]
-    needed: list[str] = []
+    needed: list[Needed] = []
     for message in messages:
         if not isinstance(message, dict) or message.get("method") != "tools/call":
             continue
         params = message.get("params")
         name = params.get("name") if isinstance(params, dict) else None
         if isinstance(name, str) and name in scope_rules.MCP_TOOL_SCOPES:
-            needed.append(scope_rules.MCP_TOOL_SCOPES[name])
+            assert isinstance(params, dict)
+            needed.append(Needed(scope_rules.MCP_TOOL_SCOPES[name], name, params.get("arguments")))
     return needed
 
 
@@ -63,7 +84,13 @@ class McpGuard:
             if scope["method"] == "POST":
                 body = await read_body(receive, MAX_MCP_BODY_BYTES, scope)
                 for needed in self._scopes_for(scope, body):
-                    principal.require(needed)
+                    try:
+                        principal.require(needed.scope)
+                    except KeyplaneError as refused:
+                        if needed.tool is not None:  # a refused tool call is audited too, with why
+                            self.kp.tool_calls.record(principal, needed.tool, known=True, arguments=needed.arguments,
+                                                      outcome="refused", reason=f"{refused.code}: {refused.message}")
+                        raise
         except BodyTooLarge:
             await send_error(send, KeyplaneError(413, "request_too_large",
                                                  f"An MCP message is limited to {MAX_MCP_BODY_BYTES} bytes"))
@@ -93,15 +120,11 @@ class McpGuard:
         return from_query or None
 
     @staticmethod
-    def _scopes_for(scope: Scope, body: bytes) -> list[str]:
-        try:
-            payload = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            return []  # the SDK answers with a JSON-RPC parse error
-        needed = required_scopes(payload)
+    def _scopes_for(scope: Scope, body: bytes) -> list[Needed]:
+        needed = required_scopes(parse_body(body))
         for key, value in scope["headers"]:
             if key == b"mcp-name" and value.decode("latin-1") in scope_rules.MCP_TOOL_SCOPES:
-                needed.append(scope_rules.MCP_TOOL_SCOPES[value.decode("latin-1")])
+                needed.append(Needed(scope_rules.MCP_TOOL_SCOPES[value.decode("latin-1")]))
         return needed
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
@@ -17,11 +18,13 @@ from mcp.types import ListToolsResult, ToolAnnotations
 from pydantic import Field, ValidationError
 
 from keyplane.domain import scopes as scope_rules
+from keyplane.domain import secret_scan
 from keyplane.domain.errors import KeyplaneError
 from keyplane.mcp_server.guard import principal_of
 from keyplane.services.container import Keyplane
-from keyplane.services.principal import Principal, ToolCall
-from keyplane.services.schemas import KeyCreate, KeyRotate
+from keyplane.services.principal import CallMark, Principal, ToolCall, current_call
+from keyplane.services.schemas import KeyCreate, KeyRotate, McpServerCreate
+from keyplane.services.traffic import INCLUDE_SUB_KEYS
 
 log = logging.getLogger("keyplane.mcp")
 
@@ -38,6 +41,8 @@ DESTROYS = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempote
 
 Since = Annotated[str, Field(description="Window back from now (30m, 24h, 7d) or an RFC 3339 time")]
 KeyId = Annotated[str, Field(description="A virtual key id (key_…), as keyplane_list_virtual_keys shows it")]
+IncludeSubKeys = Annotated[bool, Field(description="With a key: count its sub-keys (at any depth) too, as they "
+                                                   "count against its limits")]
 
 
 def _principal(ctx: Context[Any, Any], tool: str | None = None, arguments: dict[str, Any] | None = None) -> Principal:
@@ -55,7 +60,7 @@ def _fail(exc: KeyplaneError | ValidationError) -> ToolError:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}" for err in exc.errors()
         )
-        return ToolError(f"invalid_request: {problems}")
+        return ToolError(secret_scan.mask_text(f"invalid_request: {problems}"))
     return ToolError(f"{exc.code}: {exc.message}")
 
 
@@ -65,7 +70,7 @@ def _shown_once(key: dict[str, Any], secret: str) -> dict[str, Any]:
 
 
 class ToolMetrics:
-    """Counts every tool call by outcome (read-only calls leave no audit entry, so this is their record)."""
+    """Counts every tool call by outcome, for /metrics."""
 
     def __init__(self) -> None:
         self.calls: dict[tuple[str, str], int] = {}
@@ -74,24 +79,56 @@ class ToolMetrics:
         self.calls[(tool, outcome)] = self.calls.get((tool, outcome), 0) + 1
 
 
+def _error_text(result: Any) -> str:
+    """The message of a failed tool call's result (the model or its wire form)."""
+    content = getattr(result, "content", None)
+    if content is None and isinstance(result, dict):
+        content = result.get("content")
+    for item in content or ():
+        text = getattr(item, "text", None) if not isinstance(item, dict) else item.get("text")
+        if isinstance(text, str):
+            return text
+    return "the tool call failed"
+
+
 class ScopedToolList:
-    """SDK middleware: tools/list shows a token the tools it may call; counts tools/call outcomes."""
+    """SDK middleware: tools/list shows a token the tools it may call; counts tools/call outcomes and
+    puts every tools/call in the audit log (the ones a change already recorded, once)."""
 
     def __init__(self, kp: Keyplane, metrics: ToolMetrics) -> None:
         self.kp = kp
         self.metrics = metrics
 
+    def _audit(self, principal: Principal | None, name: Any, known: bool, params: Any, outcome: str,
+               reason: str | None = None) -> None:
+        if principal is None:  # not through the guard (nothing to attribute it to)
+            return
+        arguments = params.get("arguments") if isinstance(params, Mapping) else None
+        self.kp.tool_calls.record(principal, name if isinstance(name, str) else repr(name), known=known,
+                                  arguments=arguments, outcome=outcome, reason=reason)
+
     async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         if ctx.method == "tools/call":
             name = ctx.params.get("name") if ctx.params else None
-            tool = name if isinstance(name, str) and name in scope_rules.MCP_TOOL_SCOPES else "unknown"
+            known = isinstance(name, str) and name in scope_rules.MCP_TOOL_SCOPES
+            tool = name if known else "unknown"
+            principal = principal_of(ctx.request)
+            mark = CallMark()
+            marking = current_call.set(mark)
             try:
                 result = await call_next(ctx)
-            except Exception:
+            except Exception as exc:
                 self.metrics.count(tool, "error")
+                self._audit(principal, name, known, ctx.params, "refused", str(exc) or type(exc).__name__)
                 raise
+            finally:
+                current_call.reset(marking)
             failed = getattr(result, "is_error", False) or (isinstance(result, dict) and result.get("isError"))
             self.metrics.count(tool, "error" if failed else "ok")
+            if failed:
+                self._audit(principal, name, known, ctx.params, "refused", _error_text(result))
+            elif not mark.recorded:  # a read, or a change that changed nothing: its service wrote no event
+                self._audit(principal, name, known, ctx.params, "ok")
             return result
         result = await call_next(ctx)
         if ctx.method == "tools/list" and not self.kp.settings.mcp_list_all_tools:
@@ -204,13 +241,26 @@ def build_mcp_server(kp: Keyplane, metrics: ToolMetrics) -> MCPServer[Any]:
         ctx: Context[Any, Any],
         since: Since = "24h",
         group_by: Annotated[Literal["model", "provider", "cost_center", "environment", "key", "endpoint",
-                                    "hour", "day"],
+                                    "mcp_server", "tool", "status_class", "hour", "day"],
                             Field(description="How to group requests, tokens and cost")] = "model",
-        key_id: Annotated[str | None, Field(description="Only this key")] = None,
+        key_id: Annotated[str | None, Field(description="Only this key's traffic")] = None,
+        include_sub_keys: IncludeSubKeys = INCLUDE_SUB_KEYS,
     ) -> dict[str, Any]:
-        """Requests, errors, tokens, cost and latency over a window, grouped by provider, model, cost center, key…"""
+        """Requests (served + refused + failed), tokens, cost and latency over a window, grouped by provider,
+        model, cost center, key…"""
         try:
-            return await kp.usage.summary(_principal(ctx), since=since, group_by=group_by, key_id=key_id)
+            return await kp.usage.summary(_principal(ctx), since=since, group_by=group_by, key_id=key_id,
+                                          include_sub_keys=include_sub_keys)
+        except KeyplaneError as exc:
+            raise _fail(exc) from None
+
+    @mcp.tool(name="keyplane_key_spend", title="A key's spend now: settled vs reserved", annotations=READ_ONLY)
+    async def key_spend(ctx: Context[Any, Any], key_id: KeyId) -> dict[str, Any]:
+        """A key's current spend windows (tokens this minute, cost today, budget this month): the limit, what
+        answers have settled, what requests in flight hold reserved, what is left and when each resets. Its
+        sub-keys' spend counts in it."""
+        try:
+            return await kp.spend_status.current(_principal(ctx), key_id)
         except KeyplaneError as exc:
             raise _fail(exc) from None
 
@@ -223,10 +273,12 @@ def build_mcp_server(kp: Keyplane, metrics: ToolMetrics) -> MCPServer[Any]:
             raise _fail(exc) from None
 
     @mcp.tool(name="keyplane_recommend_limits", title="Recommend limits for a key", annotations=READ_ONLY)
-    async def recommend_limits(ctx: Context[Any, Any], key_id: KeyId, window: Since = "24h") -> dict[str, Any]:
-        """Observed peak use of a key over a window and the tightest limits that would still fit it."""
+    async def recommend_limits(ctx: Context[Any, Any], key_id: KeyId, window: Since = "24h",
+                               include_sub_keys: IncludeSubKeys = INCLUDE_SUB_KEYS) -> dict[str, Any]:
+        """Observed peak use of a key over a window and the tightest limits that would still fit it; refused
+        requests are reported by reason, not counted as demand."""
         try:
-            return await kp.recommendations.recommend(_principal(ctx), key_id, window)
+            return await kp.recommendations.recommend(_principal(ctx), key_id, window, include_sub_keys)
         except KeyplaneError as exc:
             raise _fail(exc) from None
 
@@ -245,6 +297,51 @@ def build_mcp_server(kp: Keyplane, metrics: ToolMetrics) -> MCPServer[Any]:
         try:
             return await kp.audit.list(_principal(ctx), principal_filter=principal, action=action, target=target,
                                        since=since, cursor=cursor, limit=limit)
+        except KeyplaneError as exc:
+            raise _fail(exc) from None
+
+    @mcp.tool(name="keyplane_register_mcp_server", title="Register an MCP server behind keys", annotations=CREATES)
+    async def register_mcp_server(
+        ctx: Context[Any, Any],
+        name: Annotated[str, Field(description="Served at /mcp/{name}: lower-case letters, digits, '-', '_'")],
+        url: Annotated[str, Field(description="The upstream's Streamable HTTP endpoint, e.g. http://127.0.0.1:9000/mcp")],
+        tool_scopes: Annotated[dict[str, str] | None, Field(
+            description="tool -> data-plane scope it needs, e.g. {\"write_file\": \"files:write\"}; else tools:call")]
+        = None,
+        description: Annotated[str | None, Field(description="What the server is for")] = None,
+        default_key: Annotated[bool, Field(description="Also mint a key for every tool of it (shown once)")] = True,
+    ) -> dict[str, Any]:
+        """Put keyplane keys in front of an MCP server. Upstream credentials are never taken here (they would pass
+        through the agent's context): a person adds them with `keyplane mcp-servers update --header-env` or the
+        dashboard."""
+        arguments = {k: v for k, v in {"name": name, "url": url, "tool_scopes": tool_scopes,
+                                       "description": description, "default_key": default_key}.items()
+                     if v is not None}
+        principal = _principal(ctx, "keyplane_register_mcp_server", arguments)
+        try:
+            data = McpServerCreate.model_validate(arguments)
+            server, key, secret = await kp.mcp_servers.create(principal, data)
+        except (KeyplaneError, ValidationError) as exc:
+            raise _fail(exc) from None
+        result: dict[str, Any] = {"mcp_server": server}
+        if key is not None and secret is not None:
+            result.update(_shown_once(key, secret))
+        return result
+
+    @mcp.tool(name="keyplane_list_mcp_servers", title="List protected MCP servers", annotations=READ_ONLY)
+    async def list_mcp_servers(
+        ctx: Context[Any, Any],
+        check_health: Annotated[bool, Field(description="Also ask each upstream now: reachable? which tools?")]
+        = False,
+    ) -> dict[str, Any]:
+        """The upstream MCP servers keyplane serves to key holders at /mcp/{name} (header values never shown)."""
+        try:
+            principal = _principal(ctx)
+            servers = await kp.mcp_servers.list(principal)
+            if check_health:
+                for server in servers:
+                    server["health"] = await kp.mcp_servers.health(principal, server["name"])
+            return {"data": servers}
         except KeyplaneError as exc:
             raise _fail(exc) from None
 

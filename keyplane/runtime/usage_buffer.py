@@ -1,11 +1,82 @@
-"""Usage events wait here, bounded, and leave in batches (at least every second and on shutdown)."""
+"""Usage events wait here, bounded, and leave in batches (at least every second and on shutdown).
+
+A record the store refuses never holds the others back: the batch is split until the refused record
+stands alone, which is then written sanitised or, failing that, quarantined (dropped and counted).
+Only an unreachable store puts a batch back to be retried.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sqlalchemy import Integer, String
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+from keyplane.domain.storable import INT32_MAX, INT32_MIN, storable_int, storable_text
+from keyplane.store.models import UsageEvent
+
 log = logging.getLogger("keyplane.usage")
+
+# The store is down or busy (not this batch's fault): keep the batch and retry it later.
+STORE_UNREACHABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, DisconnectionError,
+                                                  ConnectionError, TimeoutError)
+
+# SQLSTATE classes that say the same: connection (08), resources (53), operator intervention (57: an admin
+# shutdown or a restart in progress), system (58), transaction rollback (40: serialization, deadlock).
+_RETRYABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+def store_unreachable(exc: BaseException) -> bool:
+    """Is this the store's state rather than the batch's content? Then the batch is kept, never split."""
+    if isinstance(exc, STORE_UNREACHABLE):
+        return True
+    seen: BaseException | None = exc
+    for _ in range(4):  # SQLAlchemy's error -> the driver adapter's -> the driver's own (asyncpg: .sqlstate)
+        if seen is None:
+            break
+        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(state, str) and state[:2] in _RETRYABLE_SQLSTATE_CLASSES:
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
+
+
+# Column bounds, read from the model so they cannot drift from the table.
+_TEXT_LIMITS: dict[str, int | None] = {
+    c.name: c.type.length for c in UsageEvent.__table__.columns if isinstance(c.type, String)
+}
+_TEXT_COLUMNS = tuple(_TEXT_LIMITS.items())
+_INT_COLUMNS = tuple(c.name for c in UsageEvent.__table__.columns
+                     if isinstance(c.type, Integer) and not c.primary_key)
+
+Write = Callable[[list[dict[str, Any]]], Awaitable[None]]
+
+
+def storable_event(event: dict[str, Any]) -> dict[str, Any]:
+    """The event with every text and integer field made storable (see ``keyplane.domain.storable``): the
+    same object when nothing needed changing (the usual case, on every request), else a changed copy."""
+    clean = event
+    for name, limit in _TEXT_COLUMNS:
+        value = event.get(name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            if value.isascii() and "\x00" not in value and (limit is None or len(value) <= limit):
+                continue  # already storable (nearly always): no call, no copy
+            fixed = storable_text(value, limit)
+            if fixed is not value:
+                if clean is event:
+                    clean = dict(event)
+                clean[name] = fixed
+    for name in _INT_COLUMNS:
+        value = event.get(name)
+        if isinstance(value, int) and not INT32_MIN <= value <= INT32_MAX:
+            if clean is event:
+                clean = dict(event)
+            clean[name] = storable_int(value)
+    return clean
 
 
 class UsageBuffer:
@@ -15,6 +86,8 @@ class UsageBuffer:
         self.dropped = 0  # since start: also exported as a metric
         self._dropped_unreported = 0
         self.written = 0
+        self.sanitised = 0  # events whose text or numbers were changed to be storable
+        self.quarantined = 0  # events the store refused even sanitised: dropped, counted, logged
 
     def __len__(self) -> int:
         return len(self._events)
@@ -24,7 +97,10 @@ class UsageBuffer:
             self.dropped += 1
             self._dropped_unreported += 1
             return
-        self._events.append(event)
+        clean = storable_event(event)
+        if clean is not event:
+            self.sanitised += 1
+        self._events.append(clean)
 
     def take(self) -> list[dict[str, Any]]:
         if self._dropped_unreported:
@@ -34,7 +110,7 @@ class UsageBuffer:
         return batch
 
     def restore(self, batch: list[dict[str, Any]]) -> None:
-        """Put back a batch the store refused, oldest first, within the bound."""
+        """Put back a batch the store could not take, oldest first, within the bound."""
         room = self.max_events - len(self._events)
         kept = batch[:room] if room > 0 else []
         lost = len(batch) - len(kept)
@@ -42,3 +118,44 @@ class UsageBuffer:
             self.dropped += lost
             self._dropped_unreported += lost
         self._events = kept + self._events
+
+    async def flush(self, write: Write) -> int:
+        """Write what is waiting; returns how many events were written."""
+        batch = self.take()
+        if not batch:
+            return 0
+        written = await self._write(write, batch)
+        self.written += written
+        return written
+
+    async def _write(self, write: Write, batch: list[dict[str, Any]]) -> int:
+        try:
+            await write(batch)
+            return len(batch)
+        except Exception as exc:
+            if store_unreachable(exc):
+                log.exception("could not write %d usage events; will retry", len(batch))
+                self.restore(batch)
+                return 0
+            if len(batch) == 1:
+                return await self._write_alone(write, batch[0], exc)
+        # Some record in this batch is refused: halve until it stands alone (log2(n) extra writes each).
+        middle = len(batch) // 2
+        return await self._write(write, batch[:middle]) + await self._write(write, batch[middle:])
+
+    async def _write_alone(self, write: Write, event: dict[str, Any], exc: Exception) -> int:
+        clean = storable_event(event)
+        if clean is not event:
+            try:
+                await write([clean])
+                self.sanitised += 1
+                return 1
+            except Exception as again:
+                if store_unreachable(again):
+                    self.restore([clean])
+                    return 0
+                exc = again
+        self.quarantined += 1
+        log.error("usage event quarantined: the store refused it (%s); key %s, endpoint %s",
+                  type(exc).__name__, event.get("key_id"), str(event.get("endpoint"))[:100])
+        return 0

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyplane.domain import audit_chain
-from keyplane.domain.errors import invalid_request, not_found
+from keyplane.domain import audit_chain, secret_scan
+from keyplane.domain.errors import invalid_request
 from keyplane.logs import redact
 from keyplane.services.pagination import decode_cursor, page
-from keyplane.services.principal import Principal
+from keyplane.services.principal import Principal, current_call
 from keyplane.store.db import Database
 from keyplane.store.models import AuditEvent, Organization
+
+if TYPE_CHECKING:
+    from keyplane.services.audit_verify import ChainVerifier
 
 
 def rfc3339(dt: datetime) -> str:
@@ -49,34 +53,42 @@ def redact_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
-async def append(
-    session: AsyncSession,
-    principal: Principal,
-    action: str,
-    target: str,
-    details: dict[str, Any] | None = None,
-) -> AuditEvent:
-    """Append inside the caller's transaction, so the event and the change commit together.
+def chain_key_of(session: AsyncSession) -> bytes:
+    """The chain key for a session of this store (set by ``Keyplane`` from the master key)."""
+    source = session.info.get("audit_chain_key")
+    if source is None:
+        raise RuntimeError("audit entries are keyed with the master key: this store has no chain key set")
+    key: bytes = source()
+    return key
 
-    The organization row is the chain head; locking it serializes appends across processes
+
+async def _lock_head(session: AsyncSession, org_id: str) -> Organization:
+    """The organization row is the chain head; locking it serializes appends across processes
     (SQLite's BEGIN IMMEDIATE already admits one writer). On PostgreSQL the lock is FOR NO KEY
     UPDATE: rows inserted earlier in the transaction hold FOR KEY SHARE on the organization through
-    their foreign keys, and a plain FOR UPDATE would deadlock two such writers.
-    """
-    org = (
-        await session.execute(
-            select(Organization).where(Organization.id == principal.org_id).with_for_update(key_share=True)
-        )
+    their foreign keys, and a plain FOR UPDATE would deadlock two such writers."""
+    return (
+        await session.execute(select(Organization).where(Organization.id == org_id).with_for_update(key_share=True))
     ).scalar_one()
-    details = details or {}
+
+
+def _link(chain_key: bytes, org: Organization, principal: Principal, action: str, target: str,
+          details: dict[str, Any] | None) -> AuditEvent:
+    """The next event of ``org``'s chain (its head moves to it)."""
+    # Free text is checked at the edge; whatever still holds a secret is masked before it is chained.
+    details = secret_scan.mask(details or {})
+    target = secret_scan.mask_text(target)
     if principal.via is not None:
+        mark = current_call.get()
+        if mark is not None:
+            mark.recorded = True  # this MCP tool call is recorded by its change
         # A change made through an MCP tool is recorded as that tool call; what it did stays in details.
         details = {"change": action, "arguments": redact_arguments(principal.via.arguments), **details}
         action = principal.via.tool
     seq = org.audit_seq + 1
     time = rfc3339(datetime.now(UTC))
     payload = audit_chain.entry_payload(seq, time, principal.label, action, target, details)
-    digest = audit_chain.chain_hash(org.audit_head, payload)
+    digest = audit_chain.keyed_chain_hash(chain_key, org.id, org.audit_head, payload)
     event = AuditEvent(
         org_id=org.id,
         seq=seq,
@@ -87,12 +99,41 @@ async def append(
         details=audit_chain.canonical_json(details),
         prev_hash=org.audit_head,
         hash=digest,
+        hash_version=audit_chain.KEYED_HMAC,
     )
-    session.add(event)
     org.audit_seq = seq
     org.audit_head = digest
+    return event
+
+
+async def append(
+    session: AsyncSession,
+    principal: Principal,
+    action: str,
+    target: str,
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append inside the caller's transaction, so the event and the change commit together."""
+    org = await _lock_head(session, principal.org_id)
+    event = _link(chain_key_of(session), org, principal, action, target, details)
+    session.add(event)
     await session.flush()
     return event
+
+
+async def append_many(
+    session: AsyncSession, entries: list[tuple[Principal, str, str, dict[str, Any] | None]]
+) -> None:
+    """Append several events (principal, action, target, details) in order: one lock and one flush per
+    organization, not per event (the MCP tool-call log writes its batches this way)."""
+    heads: dict[str, Organization] = {}
+    chain_key = chain_key_of(session)
+    for principal, action, target, details in entries:
+        org = heads.get(principal.org_id)
+        if org is None:
+            org = heads[principal.org_id] = await _lock_head(session, principal.org_id)
+        session.add(_link(chain_key, org, principal, action, target, details))
+    await session.flush()
 
 
 def event_to_dict(e: AuditEvent) -> dict[str, Any]:
@@ -105,12 +146,15 @@ def event_to_dict(e: AuditEvent) -> dict[str, Any]:
         "details": json.loads(e.details),
         "prev_hash": e.prev_hash,
         "hash": e.hash,
+        "hash_version": e.hash_version,
     }
 
 
 class AuditService:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, verifier: ChainVerifier, checkpoint_dir: Path | None) -> None:
         self.db = db
+        self.verifier = verifier
+        self.checkpoint_dir = checkpoint_dir
 
     async def list(
         self,
@@ -162,23 +206,13 @@ class AuditService:
         return {"days": [{"date": d, "events": int(per_day.get(d, 0))} for d in dates],
                 "top_actions": [{"action": a, "events": int(n)} for a, n in actions]}
 
-    async def verify(self, principal: Principal) -> audit_chain.ChainVerdict:
+    async def verify(self, principal: Principal, *, full: bool = False,
+                     checkpoints: Path | None = None) -> audit_chain.ChainVerdict:
+        """Verify the caller's chain from its newest signed checkpoint (``full``: from the first entry,
+        holding every checkpoint to it), with the checkpoints in ``checkpoints`` or the configured directory."""
         principal.require("audit:read")
-        return await self.verify_org(principal.org_id)
+        return await self.verify_org(principal.org_id, full=full, checkpoints=checkpoints)
 
-    async def verify_org(self, org_id: str) -> audit_chain.ChainVerdict:
-        async with self.db.read() as s:
-            org = (await s.execute(select(Organization).where(Organization.id == org_id))).scalar_one_or_none()
-            if org is None:
-                raise not_found("organization", org_id)
-            result = await s.stream_scalars(
-                select(AuditEvent).where(AuditEvent.org_id == org_id).order_by(AuditEvent.seq)
-            )
-            entries = []
-            async for e in result:
-                entries.append(
-                    audit_chain.ChainEntry(
-                        e.seq, e.time, e.principal, e.action, e.target, json.loads(e.details), e.prev_hash, e.hash
-                    )
-                )
-        return audit_chain.verify(entries, head_seq=org.audit_seq, head_hash=org.audit_head)
+    async def verify_org(self, org_id: str, *, full: bool = False,
+                         checkpoints: Path | None = None) -> audit_chain.ChainVerdict:
+        return await self.verifier.verify_org(org_id, checkpoint_dir=checkpoints or self.checkpoint_dir, full=full)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,7 +10,7 @@ import orjson
 from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
-from keyplane.domain import policy
+from keyplane.domain import mcp_access, policy
 from keyplane.domain.policy import Limits
 from keyplane.services.keys import MAX_SUBKEY_DEPTH, key_to_dict
 from keyplane.services.limit_profiles import limits_of
@@ -19,7 +20,7 @@ from keyplane.store.models import LimitProfile, ServiceAccount, VirtualKey
 
 _PUBLIC_FIELDS = (
     "id", "name", "masked_key", "status", "scopes", "expires_at", "limit_profile", "cost_center",
-    "environment", "metadata", "allowed_models", "require_signature", "parent_id", "created_at",
+    "environment", "metadata", "allowed_models", "require_signature", "parent_id", "created_at", "mcp_servers",
 )
 
 
@@ -37,23 +38,37 @@ def _with_profile(*where: Any) -> Select[tuple[VirtualKey, LimitProfile | None]]
 
 
 async def load_key(db: Database, digest: str) -> policy.KeySnapshot | None:
-    return await db.run_read(lambda s: _load_key(s, digest))
+    return (await load_keys(db, [digest])).get(digest)
 
 
-def _load_key(s: Session, digest: str) -> policy.KeySnapshot | None:
-    """The key whose current (or in-grace previous) secret hashes to ``digest``, folded with its ancestors.
+async def load_keys(db: Database, digests: Sequence[str]) -> dict[str, policy.KeySnapshot | None]:
+    """Several cache misses in one round trip (``runtime.miss_batcher``)."""
+    return await db.run_read(lambda s: _load_keys(s, digests))
 
-    One query for the key and its profile, one more per ancestor (sub-keys only).
+
+def _load_keys(s: Session, digests: Sequence[str]) -> dict[str, policy.KeySnapshot | None]:
+    """Each digest's key (current or in-grace previous secret), folded with its ancestors.
+
+    One query for all the keys and their profiles (two index lookups per digest), one more per
+    ancestor (sub-keys only). A current secret wins over another key's previous one.
     """
-    found = s.execute(
+    wanted = list(dict.fromkeys(digests))
+    rows = s.execute(
         _with_profile(
-            or_(VirtualKey.key_hash == digest, VirtualKey.previous_key_hash == digest),
+            or_(VirtualKey.key_hash.in_(wanted), VirtualKey.previous_key_hash.in_(wanted)),
             VirtualKey.status != "deleted",
         )
-    ).first()
-    if found is None:
-        return None
-    row, profile = found
+    ).all()
+    by_current = {row.key_hash: (row, profile) for row, profile in rows}
+    by_previous = {row.previous_key_hash: (row, profile) for row, profile in rows if row.previous_key_hash}
+    out: dict[str, policy.KeySnapshot | None] = {}
+    for digest in wanted:
+        found = by_current.get(digest) or by_previous.get(digest)
+        out[digest] = _fold(s, digest, *found) if found is not None else None
+    return out
+
+
+def _fold(s: Session, digest: str, row: VirtualKey, profile: LimitProfile | None) -> policy.KeySnapshot | None:
     valid_until = None
     if row.key_hash != digest:
         valid_until = _ts(row.previous_valid_until)
@@ -62,6 +77,7 @@ def _load_key(s: Session, digest: str) -> policy.KeySnapshot | None:
     status = row.status
     expires = _ts(row.expires_at)
     scopes = frozenset(row.scopes)
+    grants = [mcp_access.freeze(row.mcp_servers)]
     ancestors: list[str] = []
     buckets: list[tuple[str, int]] = []
     spend: list[tuple[str, Limits]] = []
@@ -69,6 +85,7 @@ def _load_key(s: Session, digest: str) -> policy.KeySnapshot | None:
         buckets.append((row.id, profile.requests_per_minute))
     if limits_of(profile).has_spend_limit:
         spend.append((row.id, limits_of(profile)))
+    allowlists = [policy.parse_networks(row.ip_allowlist)] if row.ip_allowlist else []
     parent_id = row.parent_id
     while parent_id is not None and len(ancestors) < MAX_SUBKEY_DEPTH:
         ancestors.append(parent_id)
@@ -81,6 +98,9 @@ def _load_key(s: Session, digest: str) -> policy.KeySnapshot | None:
         if parent_expiry is not None and (expires is None or parent_expiry < expires):
             expires = parent_expiry
         scopes &= frozenset(parent.scopes)  # a narrowed parent narrows its sub-keys too
+        if parent.ip_allowlist:
+            allowlists.append(policy.parse_networks(parent.ip_allowlist))
+        grants.append(mcp_access.freeze(parent.mcp_servers))
         if parent_profile is not None and parent_profile.requests_per_minute:
             buckets.append((parent.id, parent_profile.requests_per_minute))
         if limits_of(parent_profile).has_spend_limit:
@@ -101,7 +121,7 @@ def _load_key(s: Session, digest: str) -> policy.KeySnapshot | None:
         status=status,
         scopes=scopes,
         expires_at=expires,
-        networks=policy.parse_networks(row.ip_allowlist or []),
+        allowlists=tuple(allowlists),
         limits=limits_of(profile),
         limit_profile=profile.name if profile else None,
         ancestor_ids=tuple(ancestors),
@@ -112,6 +132,7 @@ def _load_key(s: Session, digest: str) -> policy.KeySnapshot | None:
         valid_until=valid_until,
         buckets=tuple(buckets),
         spend_limits=tuple(spend),
+        mcp_grants=tuple(grants),
         # orjson hands back an over-allocated buffer (~8 KiB); a copy keeps just the bytes (~350).
         public_json=bytes(memoryview(orjson.dumps(public))),
     )

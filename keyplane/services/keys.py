@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from keyplane.domain import policy, tokens
+from keyplane.domain import mcp_access, policy, tokens
 from keyplane.domain import scopes as scope_rules
-from keyplane.domain.errors import KeyplaneError, cannot_grant, conflict, invalid_request, not_found
+from keyplane.domain.errors import KeyplaneError, cannot_grant, conflict, invalid_request, not_found, parent_lacks
 from keyplane.services import audit
 from keyplane.services.invalidation import Invalidator
 from keyplane.services.limit_profiles import limits_of, require_by_name
@@ -43,6 +43,7 @@ def key_to_dict(k: VirtualKey, profile_name: str | None) -> dict[str, Any]:
         "metadata": dict(k.meta or {}),
         "allowed_models": list(k.allowed_models or []),
         "require_signature": k.require_signature,
+        "mcp_servers": k.mcp_servers,
         "parent_id": k.parent_id,
         "request_count": k.request_count,
         "previous_key_valid_until": k.previous_valid_until,
@@ -61,6 +62,39 @@ def _check_scopes(principal: Principal, wanted: list[str]) -> None:
         raise cannot_grant(lacking)
 
 
+def require_could_mint(principal: Principal, scopes: list[str],
+                       mcp_servers: dict[str, list[str]] | None = None) -> None:
+    """The no-escalation rule for every path that hands out a key's secret (create, sub-key, rotate).
+
+    A principal only ever obtains a working secret for a key it could have minted itself: it holds
+    ``virtual_keys:create``, every scope the key carries and, when the key reaches any MCP server,
+    ``mcp_servers:manage`` (a service account holds no MCP server itself, so only the scope that governs
+    the servers may hand out access to them).
+    """
+    principal.require("virtual_keys:create")
+    lacking = scope_rules.missing(principal.scopes, scopes)
+    if lacking:
+        raise KeyplaneError(
+            403, "insufficient_scope",
+            f"You cannot obtain a secret for a key with scopes you do not hold: {', '.join(lacking)}",
+            extra={"scope": lacking[0]},
+        )
+    if mcp_servers and not may_grant_mcp_servers(principal):
+        raise KeyplaneError(
+            403, "insufficient_scope",
+            f"You cannot grant or obtain a secret for a key that reaches MCP servers "
+            f"({', '.join(sorted(mcp_servers))}) without holding '{MCP_GRANT_SCOPE}'",
+            extra={"scope": MCP_GRANT_SCOPE, "param": "mcp_servers"},
+        )
+
+
+MCP_GRANT_SCOPE = "mcp_servers:manage"
+
+
+def may_grant_mcp_servers(principal: Principal) -> bool:
+    return scope_rules.holds(principal.scopes, MCP_GRANT_SCOPE)
+
+
 def _networks(cidrs: list[str]) -> list[str]:
     try:
         return [str(n) for n in policy.parse_networks(cidrs)]
@@ -74,6 +108,21 @@ def _metadata(metadata: dict[str, str]) -> dict[str, str]:
     except ValueError as exc:
         raise invalid_request(str(exc), param="metadata") from None
     return metadata
+
+
+def _mcp_servers(grant: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+    if grant is None:
+        return None
+    try:
+        return mcp_access.validate(grant)
+    except ValueError as exc:
+        raise invalid_request(str(exc), param="mcp_servers") from None
+
+
+def _mcp_narrower(wider: dict[str, list[str]] | None, narrower: dict[str, list[str]], what: str) -> None:
+    beyond = mcp_access.covers(wider or {}, narrower)
+    if beyond:
+        raise invalid_request(f"{what} (beyond it: {', '.join(beyond)})", param="mcp_servers")
 
 
 def _expiry(data: KeyCreate, now: datetime) -> datetime | None:
@@ -140,24 +189,14 @@ class KeyService:
         environment: str | None = None,
         q: str | None = None,
         parent_id: str | None = None,
+        parent_in: Sequence[str] | None = None,
+        roots_only: bool = False,
         cursor: str | None = None,
         limit: int = 50,
     ) -> dict[str, Any]:
         principal.require("virtual_keys:read")
-        if status not in (None, "enabled", "disabled"):
-            raise invalid_request("status is 'enabled' or 'disabled'", param="status")
-        query = select(VirtualKey).where(VirtualKey.org_id == principal.org_id, VirtualKey.status != "deleted")
-        if status:
-            query = query.where(VirtualKey.status == status)
-        if cost_center:
-            query = query.where(VirtualKey.cost_center == cost_center)
-        if environment:
-            query = query.where(VirtualKey.environment == environment)
-        if parent_id:
-            query = query.where(VirtualKey.parent_id == parent_id)
-        if q:
-            escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            query = query.where(VirtualKey.name.ilike(f"%{escaped}%", escape="\\"))
+        query = select(VirtualKey).where(*self._where(principal, status, cost_center, environment, q, parent_id,
+                                                      parent_in, roots_only))
         if cursor:
             query = query.where(VirtualKey.pk < decode_cursor(cursor))
         query = query.order_by(VirtualKey.pk.desc()).limit(limit + 1)
@@ -166,6 +205,38 @@ class KeyService:
             rows, next_cursor = page(rows, limit, lambda k: k.pk)
             names = await self._profile_names(s, {r.limit_profile_id for r in rows if r.limit_profile_id})
         return {"data": [key_to_dict(r, names.get(r.limit_profile_id or "")) for r in rows], "next_cursor": next_cursor}
+
+    async def count(self, principal: Principal, *, status: str | None = None, cost_center: str | None = None,
+                    environment: str | None = None, q: str | None = None, roots_only: bool = False) -> int:
+        """How many keys ``list`` would page through with the same filters (the dashboard says so)."""
+        principal.require("virtual_keys:read")
+        query = select(func.count()).select_from(VirtualKey).where(
+            *self._where(principal, status, cost_center, environment, q, None, None, roots_only))
+        async with self.db.read() as s:
+            return int((await s.execute(query)).scalar_one())
+
+    @staticmethod
+    def _where(principal: Principal, status: str | None, cost_center: str | None, environment: str | None,
+               q: str | None, parent_id: str | None, parent_in: Sequence[str] | None, roots_only: bool) -> list[Any]:
+        if status not in (None, "enabled", "disabled"):
+            raise invalid_request("status is 'enabled' or 'disabled'", param="status")
+        where: list[Any] = [VirtualKey.org_id == principal.org_id, VirtualKey.status != "deleted"]
+        if status:
+            where.append(VirtualKey.status == status)
+        if cost_center:
+            where.append(VirtualKey.cost_center == cost_center)
+        if environment:
+            where.append(VirtualKey.environment == environment)
+        if parent_id:
+            where.append(VirtualKey.parent_id == parent_id)
+        if parent_in is not None:
+            where.append(VirtualKey.parent_id.in_(list(parent_in)))
+        if roots_only:
+            where.append(VirtualKey.parent_id.is_(None))
+        if q:
+            escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append(VirtualKey.name.ilike(f"%{escaped}%", escape="\\"))
+        return where
 
     # -- minting -------------------------------------------------------------------------------
 
@@ -180,6 +251,11 @@ class KeyService:
             parent = await self._get_row(s, principal, parent_id)
             return await self._mint(s, principal, data, parent=parent)
 
+    async def mint(self, s: AsyncSession, principal: Principal, data: KeyCreate) -> tuple[dict[str, Any], str]:
+        """A new top-level key inside the caller's transaction (registering an MCP server mints its default key)."""
+        principal.require("virtual_keys:create")
+        return await self._mint(s, principal, data, parent=None)
+
     async def _mint(
         self, s: AsyncSession, principal: Principal, data: KeyCreate, parent: VirtualKey | None
     ) -> tuple[dict[str, Any], str]:
@@ -190,6 +266,7 @@ class KeyService:
         else:
             wanted = sorted(set(data.scopes))
         _check_scopes(principal, wanted)
+        require_could_mint(principal, wanted)
         expires_at = _expiry(data, now)
         networks = _networks(data.ip_allowlist)
         metadata = _metadata(data.metadata)
@@ -203,6 +280,7 @@ class KeyService:
 
         require_signature = data.require_signature
         allowed_models = sorted(set(data.allowed_models))
+        mcp_servers = _mcp_servers(data.mcp_servers)
         parent_id = None
         if parent is not None:
             parent_id = parent.id
@@ -213,7 +291,7 @@ class KeyService:
                 raise conflict(f"Parent key '{parent.id}' is {parent.status}", code="parent_disabled")
             beyond = sorted(set(wanted) - set(parent.scopes))
             if beyond:
-                raise cannot_grant(beyond)
+                raise parent_lacks(parent.id, beyond)
             if parent.expires_at is not None:
                 if parent.expires_at <= now:
                     raise conflict(f"Parent key '{parent.id}' has expired", code="parent_expired")
@@ -241,7 +319,14 @@ class KeyService:
                 elif not set(allowed_models) <= set(parent.allowed_models):
                     raise invalid_request("A sub-key may only use models its parent may use", param="allowed_models")
             require_signature = require_signature or parent.require_signature
+            if mcp_servers is None:
+                # Inherited like scopes: only what the principal may grant (as a default, never an error).
+                mcp_servers = parent.mcp_servers if may_grant_mcp_servers(principal) else None
+            else:
+                _mcp_narrower(parent.mcp_servers, mcp_servers, "A sub-key may only use MCP servers and tools its "
+                                                              "parent may use")
 
+        require_could_mint(principal, wanted, mcp_servers)
         secret = tokens.generate(tokens.VIRTUAL_KEY_PREFIX)
         digest = tokens.hash_token(secret)
         row = VirtualKey(
@@ -261,6 +346,7 @@ class KeyService:
             meta=metadata,
             allowed_models=allowed_models,
             require_signature=require_signature,
+            mcp_servers=mcp_servers,
             created_at=now,
             updated_at=now,
             created_by=principal.label,
@@ -280,6 +366,7 @@ class KeyService:
                 "parent_id": parent_id,
                 "limit_profile": result["limit_profile"],
                 "expires_at": audit.rfc3339(expires_at) if expires_at else None,
+                **({"mcp_servers": mcp_servers} if mcp_servers is not None else {}),
             },
         )
         self.invalidator.new_secret(digest)
@@ -326,6 +413,11 @@ class KeyService:
                 row.environment = data.environment
             if "ip_allowlist" in changes:
                 row.ip_allowlist = _networks(data.ip_allowlist or [])
+            if "mcp_servers" in changes:
+                new_grant = _mcp_servers(data.mcp_servers) or {}
+                _mcp_narrower(row.mcp_servers, new_grant, "MCP permissions can only be narrowed; mint a new key "
+                                                          "instead")
+                row.mcp_servers = new_grant
             if "limit_profile" in changes:
                 row.limit_profile_id = await self._profile_for_update(s, principal, row, data.limit_profile)
             for field in changes:
@@ -376,6 +468,11 @@ class KeyService:
         now = datetime.now(UTC)
         async with self.db.write() as s:
             row = await self._get_row(s, principal, key_id)
+            require_could_mint(principal, list(row.scopes), row.mcp_servers)
+            if row.status != "enabled":  # a new secret for a disabled key would be refused on first use
+                raise conflict(f"Key '{row.id}' is {row.status}: a new secret would not work until it is enabled. "
+                               f"Enable it first (POST /api/v1/keys/{row.id}/enable, `keyplane keys enable {row.id}`),"
+                               " then rotate", code="key_not_enabled")
             old_hash = row.key_hash
             secret = tokens.generate(tokens.VIRTUAL_KEY_PREFIX)
             row.key_hash = tokens.hash_token(secret)

@@ -33,6 +33,7 @@ def profile_to_dict(p: LimitProfile) -> dict[str, Any]:
         "name": p.name,
         "description": p.description,
         **{f: getattr(p, f) for f in LIMIT_FIELDS},
+        "clamp_output": p.clamp_output,
         "created_at": p.created_at,
         "updated_at": p.updated_at,
     }
@@ -41,7 +42,8 @@ def profile_to_dict(p: LimitProfile) -> dict[str, Any]:
 def limits_of(p: LimitProfile | None) -> Limits:
     if p is None:
         return Limits()
-    return Limits(p.requests_per_minute, p.tokens_per_minute, p.cost_per_day_usd, p.budget_per_month_usd)
+    return Limits(p.requests_per_minute, p.tokens_per_minute, p.cost_per_day_usd, p.budget_per_month_usd,
+                  p.clamp_output)
 
 
 async def by_name(session: AsyncSession, org_id: str, name: str) -> LimitProfile | None:
@@ -94,6 +96,8 @@ class LimitProfileService:
     async def update(self, principal: Principal, name: str, data: LimitProfileUpdate) -> dict[str, Any]:
         principal.require("limit_profiles:write")
         changes = data.model_dump(exclude_unset=True)
+        if changes.get("clamp_output", False) is None:
+            del changes["clamp_output"]  # not nullable: null leaves it as it is
         async with self.db.write() as s:
             p = await by_name(s, principal.org_id, name)
             if p is None:

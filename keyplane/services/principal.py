@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import getpass
 import secrets
 from dataclasses import dataclass, field
@@ -22,6 +23,18 @@ class ToolCall:
 
     tool: str
     arguments: dict[str, Any] = field(default_factory=dict)
+
+
+class CallMark:
+    """Set around one MCP tool call: ``audit.append`` marks it when the call's change recorded the call."""
+
+    __slots__ = ("recorded",)
+
+    def __init__(self) -> None:
+        self.recorded = False
+
+
+current_call: contextvars.ContextVar[CallMark | None] = contextvars.ContextVar("keyplane_tool_call", default=None)
 
 
 @dataclass(frozen=True, slots=True)

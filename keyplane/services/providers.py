@@ -55,9 +55,19 @@ class Route:
     timeout: float
     input_per_mtok: float
     output_per_mtok: float
+    kind: str = "openai"
+    cache_write_per_mtok: float | None = None  # None: billed as input
+    cache_read_per_mtok: float | None = None
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1_000_000
+    def cost(self, input_tokens: int, output_tokens: int, cache_write_tokens: int = 0,
+             cache_read_tokens: int = 0) -> float:
+        """USD for one answer. ``input_tokens`` counts every prompt token, the cached ones included;
+        those written to or read from the prompt cache are billed at their own prices when set."""
+        write_price = self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
+        read_price = self.input_per_mtok if self.cache_read_per_mtok is None else self.cache_read_per_mtok
+        plain = max(0, input_tokens - cache_write_tokens - cache_read_tokens)
+        return (plain * self.input_per_mtok + cache_write_tokens * write_price + cache_read_tokens * read_price
+                + output_tokens * self.output_per_mtok) / 1_000_000
 
 
 def _model_names(models: list[dict[str, Any]]) -> list[str]:
@@ -104,7 +114,7 @@ class ProviderService:
 
     async def create(self, principal: Principal, data: ProviderCreate) -> dict[str, Any]:
         principal.require("providers:manage")
-        models = [m.model_dump() for m in data.models]
+        models = [m.model_dump(exclude_none=True) for m in data.models]
         async with self.db.write() as s:
             if (await s.execute(select(Provider.id).where(Provider.org_id == principal.org_id,
                                                           Provider.name == data.name))).first():
@@ -135,7 +145,7 @@ class ProviderService:
             if data.base_url is not None:
                 p.base_url = audited["base_url"] = data.base_url.rstrip("/")
             if data.models is not None:
-                models = [m.model_dump() for m in data.models]
+                models = [m.model_dump(exclude_none=True) for m in data.models]
                 await self._check_models_free(s, principal, _model_names(models), p.id)
                 p.models = models
                 audited["models"] = _model_names(models)
@@ -173,8 +183,11 @@ class ProviderService:
             for p in s.execute(select(Provider).where(Provider.org_id == org_id)).scalars():
                 secret = box.open(p.api_key_sealed, p.id) if p.api_key_sealed else None
                 for m in p.models:
+                    write, read = m.get("cache_write_per_mtok"), m.get("cache_read_per_mtok")
                     out[m["name"]] = Route(p.id, p.name, p.base_url, secret, p.timeout_seconds,
-                                           float(m.get("input_per_mtok", 0)), float(m.get("output_per_mtok", 0)))
+                                           float(m.get("input_per_mtok", 0)), float(m.get("output_per_mtok", 0)),
+                                           p.kind, None if write is None else float(write),
+                                           None if read is None else float(read))
             return out
 
         return await self.db.run_read(load)

@@ -2,52 +2,72 @@
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
+import asyncio
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import case, func, insert, or_, select
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.orm import Session
 
+from keyplane.domain import latency_sketch
 from keyplane.domain.errors import invalid_request
+from keyplane.services import traffic
 from keyplane.services.audit import parse_since
 from keyplane.services.pagination import decode_cursor, page
 from keyplane.services.principal import Principal
+from keyplane.store import rollups
 from keyplane.store.db import Database
-from keyplane.store.models import UsageEvent
+from keyplane.store.models import Organization, UsageEvent
 
-GROUPS = ("provider", "model", "cost_center", "environment", "key", "endpoint", "hour", "day")
-MAX_SUMMARY_ROWS = 2_000_000
+GROUPS = ("provider", "model", "cost_center", "environment", "key", "endpoint", "mcp_server", "tool",
+          "status_class", "hour", "day")
 
 
-def _percentile(sorted_values: list[float], pct: float) -> float:
-    if not sorted_values:
-        return 0.0
-    index = max(0, math.ceil(pct / 100 * len(sorted_values)) - 1)
-    return round(sorted_values[index], 3)
+@dataclass(frozen=True)
+class Retention:
+    """Days each grain of rollups is kept (0: forever); see Settings and docs/configuration.md."""
+
+    minute_days: int = 14
+    hour_days: int = 400
+    day_days: int = 0
+
+
+def _group_label(group_by: str, value: Any) -> str:
+    if group_by == "hour":
+        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%dT%H:00Z")
+    if group_by == "day":
+        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d")
+    return value or "(none)"
+
+
+def _prune_events(s: Session, org_id: str | None, cut: datetime, batch: int) -> int:
+    """One bounded delete of an organization's events older than ``cut`` (``org_id`` None: anonymous
+    refusals), found through the (org_id, time) index: never a read of the whole table."""
+    owner = UsageEvent.org_id.is_(None) if org_id is None else UsageEvent.org_id == org_id
+    old = select(UsageEvent.pk).where(owner, UsageEvent.time < cut).limit(batch).scalar_subquery()
+    result = s.execute(delete(UsageEvent).where(UsageEvent.pk.in_(old)))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def event_to_dict(e: UsageEvent) -> dict[str, Any]:
     return {
         "time": e.time, "key_id": e.key_id, "parent_id": e.parent_id, "provider": e.provider, "model": e.model,
         "endpoint": e.endpoint, "status": e.status, "code": e.code, "input_tokens": e.input_tokens,
-        "output_tokens": e.output_tokens, "cost_usd": e.cost_usd, "latency_ms": e.latency_ms,
+        "output_tokens": e.output_tokens, "cache_write_tokens": e.cache_write_tokens,
+        "cache_read_tokens": e.cache_read_tokens, "cost_usd": e.cost_usd, "latency_ms": e.latency_ms,
         "client_ip": e.client_ip, "cost_center": e.cost_center, "environment": e.environment,
+        "mcp_server": e.mcp_server, "mcp_method": e.mcp_method, "tool": e.tool,
     }
 
 
-def _group_value(group_by: str, e: Any) -> str:
-    if group_by == "hour":
-        return e.time.astimezone(UTC).strftime("%Y-%m-%dT%H:00Z")
-    if group_by == "day":
-        return e.time.astimezone(UTC).strftime("%Y-%m-%d")
-    value = getattr(e, "key_id" if group_by == "key" else group_by)
-    return value if value is not None else "(none)"
-
-
 _COLUMNS = ("org_id", "key_id", "parent_id", "provider", "model", "endpoint", "status", "code", "input_tokens",
-            "output_tokens", "cost_usd", "latency_ms", "client_ip", "cost_center", "environment", "time")
+            "output_tokens", "cache_write_tokens", "cache_read_tokens", "cost_usd", "latency_ms", "client_ip",
+            "cost_center", "environment", "mcp_server", "mcp_method", "tool", "time")
+# Fields only MCP gateway events carry; other events leave them null.
+_OPTIONAL = ("mcp_server", "mcp_method", "tool")
 _SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
                   f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 
@@ -58,69 +78,151 @@ def _sqlite_executemany(s: Session, batch: list[dict[str, Any]]) -> None:
     Times are stored exactly as SQLAlchemy stores them on SQLite (naive UTC text)."""
     rows = []
     for event in batch:
-        at = event["time"].astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
-        rows.append((*(event[c] for c in _COLUMNS[:-1]), at))
+        at = event["time"].astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")  # strftime's cost/4
+        rows.append((*(event.get(c, 0) if c.startswith("cache_") else event.get(c) for c in _COLUMNS[:-1]), at))
     s.connection().exec_driver_sql(_SQLITE_INSERT, rows)
 
 
 class UsageService:
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    """Writes usage batches (events and their rollups in one transaction) and reads summaries from
+    the rollups. ``retention`` is the days each grain of rollups is kept (0: forever), so a summary
+    that reaches further back than the minute rollups starts on the hour (and so on)."""
 
-    async def insert(self, batch: list[dict[str, Any]]) -> None:
+    def __init__(self, db: Database, retention: Retention | None = None, statement_timeout_ms: int = 0) -> None:
+        self.db = db
+        self.retention = retention or Retention()
+        self.statement_timeout_ms = statement_timeout_ms
+
+    def minute_floor(self, now: float | None = None) -> int | None:
+        """The oldest minute rollup worth writing: retention deletes anything older at its next pass."""
+        if not self.retention.minute_days:
+            return None
+        return int(time.time() if now is None else now) - self.retention.minute_days * 86400
+
+    async def insert(self, batch: list[dict[str, Any]], now: float | None = None) -> None:
+        """Store a batch of events and fold it into the rollups, in one transaction, off the event loop
+        (SQLite: all of it in a worker thread; PostgreSQL: the aggregation in a thread, then async I/O).
+        Events older than the minute rollups' retention (a backfill, a late flush) get no minute rows."""
+        floor = self.minute_floor(now)
         if self.db.is_sqlite:
-            await self.db.run_write(lambda s: _sqlite_executemany(s, batch))
+            def write(s: Session) -> None:
+                _sqlite_executemany(s, batch)
+                rollups.upsert(s.connection(), rollups.aggregate(batch, floor))
+
+            await self.db.run_write(write)
         else:
-            await self.db.run_write(lambda s: s.execute(insert(UsageEvent), batch))
+            rows = await asyncio.to_thread(rollups.aggregate, batch, floor)
+            events = [e if "tool" in e else {**e, **dict.fromkeys(_OPTIONAL)} for e in batch]
+
+            def write_pg(s: Session) -> None:
+                s.execute(insert(UsageEvent), events)
+                rollups.upsert(s.connection(), rows)
+
+            await self.db.run_write(write_pg)
 
     async def spent_so_far(self, bucket: str) -> tuple[float, float]:
-        """USD spent today and this month (UTC) by a key and its direct sub-keys, from the store."""
+        """USD spent today and this month (UTC) by a key's traffic (with its sub-keys at any depth: they
+        spend from its budget): the key ids (an index lookup per level), then the day rollups (an index
+        range read per key, at most 31 days of rows), whatever the history."""
         now = datetime.now(UTC)
-        month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        cost_today = func.coalesce(func.sum(case((UsageEvent.time >= day_start, UsageEvent.cost_usd), else_=0.0)), 0.0)
-        q = select(func.coalesce(func.sum(UsageEvent.cost_usd), 0.0), cost_today).where(
-            or_(UsageEvent.key_id == bucket, UsageEvent.parent_id == bucket), UsageEvent.time >= month_start)
+        month_start = int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
+        day_start = int(now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
         async with self.db.read() as s:
-            month, day = (await s.execute(q)).one()
-        return float(day), float(month)
+            ids = await traffic.key_ids(s, None, bucket)
+        return await self.db.run_read(lambda s: rollups.spend(s.connection(), ids, day_start, month_start))
+
+    def window(self, since: str, now: float | None = None) -> tuple[int, int]:
+        """``[start, end)`` in unix seconds on minute boundaries: what a summary ``since`` covers."""
+        now = time.time() if now is None else now
+        start = rollups.floor_to(int(parse_since(since).timestamp()), rollups.MINUTE)
+        for days, width in ((self.retention.minute_days, rollups.HOUR), (self.retention.hour_days, rollups.DAY)):
+            if days and start < now - days * 86400:
+                start = rollups.floor_to(start, width)  # the finer rollups are gone that far back
+        return start, rollups.floor_to(int(now), rollups.MINUTE) + rollups.MINUTE
+
+    async def totals(self, org_id: str, start: int, end: int, group_by: str,
+                     key_ids: Collection[str] | None = None) -> dict[Any, rollups.Totals]:
+        """Rollup totals per group: the one read every summary (REST, CLI, MCP, dashboard) goes through.
+        ``key_ids`` limits it to those keys (a key's traffic: ``traffic.key_ids``)."""
+        timeout = self.statement_timeout_ms if not self.db.is_sqlite else 0
+
+        def read(s: Session) -> dict[Any, rollups.Totals]:
+            if timeout:
+                s.execute(text(f"SET LOCAL statement_timeout = {int(timeout)}"))
+            return rollups.grouped(s.connection(), org_id, start, end, group_by, key_ids,
+                                   open_ended=end > time.time())
+
+        return await self.db.run_read(read)
 
     async def summary(self, principal: Principal, *, since: str = "24h", group_by: str = "model",
-                      key_id: str | None = None) -> dict[str, Any]:
+                      key_id: str | None = None, include_sub_keys: bool = traffic.INCLUDE_SUB_KEYS,
+                      key_ids: Collection[str] | None = None) -> dict[str, Any]:
+        """Requests (served + refused + failed), tokens, cost and latency, grouped, from the rollups; with
+        ``key_id``, that key's traffic as ``traffic.key_ids`` defines it (its sub-keys too unless
+        ``include_sub_keys`` is off); ``key_ids`` limits it to exactly those keys."""
         principal.require("usage:read")
         if group_by not in GROUPS:
             raise invalid_request(f"group_by is one of {', '.join(GROUPS)}", param="group_by")
-        start = parse_since(since)
-        columns = (UsageEvent.time, UsageEvent.provider, UsageEvent.model, UsageEvent.cost_center,
-                   UsageEvent.environment, UsageEvent.key_id, UsageEvent.endpoint, UsageEvent.status,
-                   UsageEvent.input_tokens, UsageEvent.output_tokens, UsageEvent.cost_usd, UsageEvent.latency_ms)
-        q = select(*columns).where(UsageEvent.org_id == principal.org_id, UsageEvent.time >= start)
+        start, end = self.window(since)
+        traffic_ids: list[str] | None = None
         if key_id:
-            q = q.where(UsageEvent.key_id == key_id)
-        groups: dict[str, dict[str, Any]] = defaultdict(lambda: {
-            "requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "latencies": []})
-        async with self.db.read() as s:
-            result = await s.stream(q.limit(MAX_SUMMARY_ROWS))
-            async for e in result:
-                g = groups[_group_value(group_by, e)]
-                g["requests"] += 1
-                g["errors"] += e.status >= 400
-                g["input_tokens"] += e.input_tokens
-                g["output_tokens"] += e.output_tokens
-                g["cost_usd"] += e.cost_usd
-                g["latencies"].append(e.latency_ms)
+            async with self.db.read() as s:
+                traffic_ids = await traffic.key_ids(s, principal.org_id, key_id, include_sub_keys)
+            key_ids = {*traffic_ids, *(key_ids or ())}
+        groups = await self.totals(principal.org_id, start, end, group_by, key_ids)
         data = []
         for name, g in groups.items():
-            lat = sorted(g.pop("latencies"))
+            if not g.requests:
+                continue
+            lat = g.latency or []
             data.append({
-                "group": name, "requests": g["requests"], "errors": g["errors"],
-                "error_rate": round(g["errors"] / g["requests"], 4), "input_tokens": g["input_tokens"],
-                "output_tokens": g["output_tokens"], "total_tokens": g["input_tokens"] + g["output_tokens"],
-                "cost_usd": round(g["cost_usd"], 10), "p50_ms": _percentile(lat, 50), "p95_ms": _percentile(lat, 95),
+                "group": _group_label(group_by, name), "requests": g.requests, "served": g.served,
+                "refused": g.refused, "failed": g.failed, "errors": g.errors,
+                "error_rate": round(g.errors / g.requests, 4), "refusal_rate": round(g.refused / g.requests, 4),
+                "failure_rate": round(g.failed / g.requests, 4), "input_tokens": g.input_tokens,
+                "output_tokens": g.output_tokens, "total_tokens": g.input_tokens + g.output_tokens,
+                "cache_write_tokens": g.cache_write_tokens, "cache_read_tokens": g.cache_read_tokens,
+                "cost_usd": round(g.cost_usd, 10), "p50_ms": latency_sketch.percentile(lat, 50),
+                "p95_ms": latency_sketch.percentile(lat, 95),
             })
         key_order = (lambda d: d["group"]) if group_by in ("hour", "day") else (lambda d: (-d["requests"], d["group"]))
         data.sort(key=key_order)
-        return {"since": start.isoformat(), "group_by": group_by, "data": data}
+        scope: dict[str, Any] = {}
+        if key_id:
+            scope = {"key_id": key_id, "include_sub_keys": include_sub_keys, "key_ids": traffic_ids}
+        return {"since": datetime.fromtimestamp(start, UTC).isoformat(), "group_by": group_by, **scope,
+                "data": data}
+
+    async def prune(self, events_days: int, *, batch: int = 5_000, pause: float = 0.01) -> int:
+        """Delete raw events and rollups past their retention, ``batch`` rows per transaction with a pause
+        between, so the store's writer lock is never held for long. Returns how many rows went."""
+        now = int(time.time())
+        removed = 0
+        if events_days:
+            cut = datetime.fromtimestamp(now - events_days * 86400, UTC)
+            orgs: list[str | None] = [None]
+            orgs += await self.db.run_read(lambda s: list(s.execute(select(Organization.id)).scalars()))
+            for org in orgs:
+                while True:
+                    n = await self.db.run_write(lambda s, o=org: _prune_events(s, o, cut, batch))
+                    removed += n
+                    if n < batch:
+                        break
+                    await asyncio.sleep(pause)
+        for grain, days in (("m", self.retention.minute_days), ("h", self.retention.hour_days),
+                            ("d", self.retention.day_days)):
+            if not days:
+                continue
+            before = now - days * 86400
+            for table in rollups.tables_of(grain):
+                while True:
+                    n = await self.db.run_write(
+                        lambda s, t=table, b=before: rollups.prune(s.connection(), t, b, batch))
+                    removed += n
+                    if n == 0:
+                        break
+                    await asyncio.sleep(pause)
+        return removed
 
     async def events(self, principal: Principal, *, since: str | None = None, key_id: str | None = None,
                      model: str | None = None, provider: str | None = None, status: int | None = None,

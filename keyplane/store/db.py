@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_MMAP_BYTES = 256 * 1024 * 1024
 
 
 def _sqlite_setup(sync_engine: Engine, *, immediate: bool) -> None:
@@ -27,6 +28,8 @@ def _sqlite_setup(sync_engine: Engine, *, immediate: bool) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # Reads of scattered pages (rollup ranges, key lookups) as memory reads, not one pread() each.
+        cur.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
         cur.close()
 
     @event.listens_for(sync_engine, "begin")
@@ -59,8 +62,11 @@ class Database:
         self.read_engine = (
             _make_engine(url, schema=schema, immediate=False) if self.is_sqlite else self.write_engine
         )
-        self._write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
-        self._read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
+        # Every session's ``info`` holds this dict: what writers need besides the store, such as the
+        # audit chain key (``audit_chain_key``: a callable the owner of the master key sets).
+        self.session_info: dict[str, Any] = {}
+        self._write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False, info=self.session_info)
+        self._read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False, info=self.session_info)
         # SQLite lookups on the hot path's cache misses run whole in one worker thread: one thread hop
         # instead of one per statement (aiosqlite's way), which is most of a miss's cost.
         self._sync_reads: Engine | None = None

@@ -8,6 +8,10 @@ from pathlib import Path
 from keyplane.domain.secrets_box import new_master_key, parse_master_key
 
 
+class MasterKeyMissing(RuntimeError):
+    """The deployment needs KEYPLANE_MASTER_KEY and it is not set."""
+
+
 def load_or_create(env_value: str | None, path: Path) -> bytes:
     if env_value:
         return parse_master_key(env_value)

@@ -1,0 +1,87 @@
+"""A budgeted request's worst case, reserved before it is forwarded (runtime/spend.py holds the counters).
+
+    worst case = estimated prompt + output allowance
+    prompt     = request body bytes / KEYPLANE_PROMPT_BYTES_PER_TOKEN (default 3: English runs ~4 bytes
+                 per token, CJK ~3; 1 is an upper bound for text, since a token is at least one byte),
+                 priced at the dearer of the input and cache-write prices
+    output     = the request's max_tokens (max_completion_tokens, max_output_tokens) times its choices,
+                 or KEYPLANE_OUTPUT_ALLOWANCE_TOKENS when it names none, priced at the output price
+
+When the allowance does not fit the tightest window the key or a parent has left, it is lowered to what
+does fit and written into the request (the answer says so in ``X-Keyplane-Max-Tokens-Clamped``), unless
+a limit profile on the way says ``clamp_output: false``: then the request is refused.
+
+Which field is lowered: every bound the request names (``max_tokens`` and ``max_completion_tokens`` on Chat
+Completions, ``max_output_tokens`` on Responses, ``max_tokens`` on Anthropic Messages). When a Chat
+Completions request names none, the field is chosen by model family: OpenAI's reasoning models (``o1``,
+``o3``, ``o4-mini``… and ``gpt-5``…, with or without a ``provider/`` prefix) refuse ``max_tokens`` and get
+``max_completion_tokens``; every other model gets ``max_tokens``, which every OpenAI-compatible server knows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from keyplane.domain.errors import KeyplaneError, invalid_request
+from keyplane.domain.policy import KeySnapshot
+from keyplane.gateway.wire import Api
+from keyplane.runtime.spend import Ask
+from keyplane.services.providers import Route
+
+CLAMPED_HEADER = b"x-keyplane-max-tokens-clamped"
+# OpenAI's reasoning models: Chat Completions refuses max_tokens for them ("use max_completion_tokens").
+_REASONING_MODEL = re.compile(r"(o[1-9]\d*|gpt-5)([-.:_].*)?", re.IGNORECASE)
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def ask_for(api: Api, request: dict[str, Any], body_len: int, route: Route, key: KeySnapshot,
+            bytes_per_token: float, default_allowance: int) -> tuple[Ask, bool]:
+    """The request's worst case, and whether it named its own output bound."""
+    prompt_tokens = max(1, math.ceil(body_len / bytes_per_token))
+    prompt_price = max(route.input_per_mtok, route.cache_write_per_mtok or 0.0) / 1e6
+    clamp = all(limits.clamp_output for _bucket, limits in key.spend_limits)
+    if not api.output_fields:
+        return Ask(prompt_tokens, prompt_tokens * prompt_price, 0, 0.0, clamp), True
+    named = [n for n in (_positive_int(request.get(f)) for f in api.output_fields) if n is not None]
+    choices = _positive_int(request.get("n")) or 1
+    wanted = (min(named) if named else default_allowance) * choices
+    return Ask(prompt_tokens, prompt_tokens * prompt_price, wanted, route.output_per_mtok / 1e6, clamp), bool(named)
+
+
+def unbounded(api: Api) -> KeyplaneError:
+    """``clamp_output: false`` and no output bound named: the answer's cost cannot be bounded beforehand."""
+    return invalid_request(f"This key's limit profile refuses answers of unbounded length: name "
+                           f"'{api.output_fields[0]}'", param=api.output_fields[0])
+
+
+def is_reasoning_model(model: Any) -> bool:
+    """o1, o3-mini, o4-mini-2025-04-16, gpt-5, gpt-5.1-codex, openai/o3…: the models that need
+    ``max_completion_tokens`` on Chat Completions."""
+    return isinstance(model, str) and _REASONING_MODEL.fullmatch(model.rsplit("/", 1)[-1]) is not None
+
+
+def bound_field(api: Api, request: dict[str, Any]) -> str:
+    """The field that bounds this request's output when it names none (see the module's docstring)."""
+    if "max_completion_tokens" in api.output_fields and is_reasoning_model(request.get("model")):
+        return "max_completion_tokens"
+    return api.output_fields[0]
+
+
+def apply_allowance(api: Api, request: dict[str, Any], granted: int) -> str:
+    """Write the granted output bound (``granted`` is for all choices together) into the request: every bound
+    field it named is lowered; when it named none, :func:`bound_field` is set. Returns a field now set."""
+    choices = _positive_int(request.get("n")) or 1
+    per_choice = max(1, granted // choices)
+    named = [f for f in api.output_fields if _positive_int(request.get(f)) is not None]
+    for field in named:
+        request[field] = min(request[field], per_choice)
+    if named:
+        return named[0]
+    field = bound_field(api, request)
+    request[field] = per_choice
+    return field

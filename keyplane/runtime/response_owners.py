@@ -1,0 +1,69 @@
+"""Which key created which stored Responses-API answer, and on which model.
+
+``GET /v1/responses/{id}`` is routed by it, and a key reads back only its own answers: the upstream
+keeps every key's answers under one provider account, so an id alone must not be enough. In this
+process (bounded), and in Redis in the distributed mode so any process can serve the retrieve.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from keyplane.runtime.shared import SharedState
+
+TTL_SECONDS = 30 * 86400  # OpenAI keeps stored responses for 30 days by default
+
+
+class ResponseOwners:
+    def __init__(self, size: int = 100_000) -> None:
+        self.size = size
+        self._owners: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    async def remember(self, response_id: str, key_id: str, model: str) -> None:
+        self._owners[response_id] = (key_id, model)
+        self._owners.move_to_end(response_id)
+        while len(self._owners) > self.size:
+            self._owners.popitem(last=False)
+
+    async def model_for(self, response_id: str, key_id: str) -> str | None:
+        owner = self._owners.get(response_id)
+        return owner[1] if owner is not None and owner[0] == key_id else None
+
+
+class SharedResponseOwners(ResponseOwners):
+    """Also in Redis (one SET per answer, expiring with it); this process's own map when Redis is down."""
+
+    def __init__(self, shared: SharedState, size: int = 100_000) -> None:
+        super().__init__(size)
+        self.shared = shared
+
+    def _key(self, response_id: str) -> str:
+        return f"{self.shared.prefix}ro:{response_id}"
+
+    async def remember(self, response_id: str, key_id: str, model: str) -> None:
+        await super().remember(response_id, key_id, model)
+
+        async def in_redis() -> None:
+            await self.shared.client.set(self._key(response_id), f"{key_id}\n{model}", ex=TTL_SECONDS)
+
+        async def skip() -> None:
+            return None
+
+        await self.shared.call(in_redis, skip)
+
+    async def model_for(self, response_id: str, key_id: str) -> str | None:
+        local = await super().model_for(response_id, key_id)
+        if local is not None:
+            return local
+
+        async def in_redis() -> str | None:
+            raw = await self.shared.client.get(self._key(response_id))
+            if raw is None:
+                return None
+            owner, _, model = raw.decode().partition("\n")
+            return model if owner == key_id else None
+
+        async def unknown() -> str | None:
+            return None
+
+        return await self.shared.call(in_redis, unknown)

@@ -1,0 +1,273 @@
+"""Spend windows in Redis: tokens per minute, USD per day and month, and the reservations held against them."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+from keyplane.domain.policy import Limits
+from keyplane.runtime.spend import WINDOW_NAMES, Ask, Exhausted, Grant, LocalSpend, day_end, month_end
+from keyplane.runtime.spend_keys import SpendKeys
+
+if TYPE_CHECKING:
+    from keyplane.runtime.shared.state import SharedState
+
+
+# Adds to a day or month counter only once it has been seeded from the store (else the seed would be lost).
+ADD_IF_SEEDED = """
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBYFLOAT', KEYS[i], ARGV[1]) end
+end
+return 1
+"""
+
+
+# Reserve a request's worst case over every limited window of a key and its ancestors, all or nothing
+# (the rule of spend.afford). KEYS: the family's reservation queue (sorted set: id -> deadline), the
+# reservation's record, then per limited bucket: tokens this minute, USD today, USD this month, reserved
+# tokens, reserved USD; all in one hash slot (names: runtime/spend_keys.py). ARGV: the family's prefix,
+# id, ttl seconds, prompt tokens, prompt USD, output tokens wanted, output USD per token, clamp (1/0),
+# then per bucket its tokens/min, day and month limits (-1: none).
+# Returns {1, granted output tokens}, {0, window index (0-based, in KEYS order), used incl. reserved},
+# or {-1, bucket index} when a day/month counter is not seeded yet (the caller seeds and retries).
+# Expired reservations (a process died holding them) are dropped first, 100 at a time.
+RESERVE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local prefix = ARGV[1]
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)
+for _, old in ipairs(expired) do
+  local rec = redis.call('GET', prefix .. 'rs:' .. old)
+  if rec then
+    local r = cjson.decode(rec)
+    for j = 1, #r[3] do
+      redis.call('INCRBYFLOAT', r[3][j] .. ':rt', -r[1])
+      redis.call('INCRBYFLOAT', r[3][j] .. ':ru', -r[2])
+    end
+    redis.call('DEL', prefix .. 'rs:' .. old)
+  end
+  redis.call('ZREM', KEYS[1], old)
+end
+local ttl = tonumber(ARGV[3])
+local ptok, pusd = tonumber(ARGV[4]), tonumber(ARGV[5])
+local wanted, price, clamp = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8] == '1'
+local n = (#KEYS - 2) / 5
+local best, binding = wanted, -1
+local used = {}
+for i = 0, n - 1 do
+  local k = 3 + 5 * i
+  local minute = tonumber(redis.call('GET', KEYS[k]) or '0')
+  local day, month = redis.call('GET', KEYS[k + 1]), redis.call('GET', KEYS[k + 2])
+  if not day or not month then return {-1, i} end
+  local rt = tonumber(redis.call('GET', KEYS[k + 3]) or '0')
+  local ru = tonumber(redis.call('GET', KEYS[k + 4]) or '0')
+  local spent = {minute + rt, tonumber(day) + ru, tonumber(month) + ru}
+  for w = 1, 3 do
+    local limit = tonumber(ARGV[8 + 3 * i + w])
+    if limit >= 0 then
+      local idx = 3 * i + w - 1
+      used[idx] = spent[w]
+      local room, per = limit - spent[w] - pusd, price
+      if w == 1 then room, per = limit - spent[w] - ptok, 1 end
+      if room < 0 then return {0, idx, tostring(spent[w])} end
+      if per > 0 then
+        local fits = math.floor(room / per + 1e-9)
+        if fits < best then best, binding = fits, idx end
+      end
+    end
+  end
+end
+if best < wanted and ((not clamp) or best < 1) then return {0, binding, tostring(used[binding])} end
+local tok, usd = ptok + best, pusd + best * price
+local names = {}
+for i = 0, n - 1 do
+  local base = string.sub(KEYS[3 + 5 * i + 3], 1, -4)
+  names[#names + 1] = base
+  redis.call('INCRBYFLOAT', KEYS[3 + 5 * i + 3], tok)
+  redis.call('INCRBYFLOAT', KEYS[3 + 5 * i + 4], usd)
+  redis.call('EXPIRE', KEYS[3 + 5 * i + 3], ttl + 3600)
+  redis.call('EXPIRE', KEYS[3 + 5 * i + 4], ttl + 3600)
+end
+redis.call('SET', KEYS[2], cjson.encode({tok, usd, names}), 'EX', ttl + 3600)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+redis.call('EXPIRE', KEYS[1], ttl + 3600)
+return {1, best}
+"""
+
+# Settle a reservation: drop what it holds (if it has not expired) and count the answer's actual tokens and
+# cost in every bucket. KEYS: the queue, the record, then per bucket: minute, day, month counter.
+# ARGV: id, tokens, USD. Day and month are added to only once seeded (else the seed would be lost).
+SETTLE_SCRIPT = """
+local rec = redis.call('GET', KEYS[2])
+if rec then
+  local r = cjson.decode(rec)
+  for j = 1, #r[3] do
+    redis.call('INCRBYFLOAT', r[3][j] .. ':rt', -r[1])
+    redis.call('INCRBYFLOAT', r[3][j] .. ':ru', -r[2])
+  end
+  redis.call('DEL', KEYS[2])
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+local tok, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
+for k = 3, #KEYS, 3 do
+  if tok > 0 then
+    redis.call('INCRBY', KEYS[k], tok)
+    redis.call('EXPIRE', KEYS[k], 120)
+  end
+  if usd > 0 then
+    if redis.call('EXISTS', KEYS[k + 1]) == 1 then redis.call('INCRBYFLOAT', KEYS[k + 1], usd) end
+    if redis.call('EXISTS', KEYS[k + 2]) == 1 then redis.call('INCRBYFLOAT', KEYS[k + 2], usd) end
+  end
+end
+return 1
+"""
+
+
+class SharedSpend:
+    """Spend windows in Redis; the in-memory ledger keeps counting too, for the fail-open fallback."""
+
+    def __init__(self, shared: SharedState, spent_so_far: Callable[[str], Awaitable[tuple[float, float]]],
+                 reservation_seconds: float = 900.0) -> None:
+        self.shared = shared
+        self.local = LocalSpend(spent_so_far)
+        self.spent_so_far = spent_so_far
+        self.reservation_seconds = reservation_seconds
+        self.names = SpendKeys(shared.prefix)
+        self._count = 0
+
+    async def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask, family: str) -> Grant | Exhausted:
+        """One script over every limited window of the key and its ancestors (RESERVE_SCRIPT); ``family``
+        is the root key of the chain: every name the script touches is in its hash slot."""
+        now = time.time()
+        self._count += 1
+        grant_id = f"{self.shared.origin}-{self._count}"
+        keys = [self.names.queue(family), self.names.record(family, grant_id)]
+        args: list[str | int | float] = [self.names.script_prefix(family), grant_id,
+                                         math.ceil(self.reservation_seconds), ask.prompt_tokens,
+                                         repr(ask.prompt_usd), ask.output_tokens, repr(ask.output_usd_per_token),
+                                         1 if ask.clamp else 0]
+        for bucket, limits in limited:
+            keys += [*self.names.windows(family, bucket, now), *self.names.reserved(family, bucket)]
+            args += [-1 if x is None else repr(float(x)) for x in
+                     (limits.tokens_per_minute, limits.cost_per_day_usd, limits.budget_per_month_usd)]
+
+        async def in_redis() -> Grant | Exhausted:
+            for _attempt in range(len(limited) + 1):
+                raw = await self.shared._reserve(keys=keys, args=args)
+                verdict = int(raw[0])
+                if verdict == -1:  # a day/month window not seeded yet: seed it from the store, try again
+                    await self._seed(family, limited[int(raw[1])][0], now)
+                    continue
+                if verdict == 1:
+                    return Grant(grant_id, tuple(b for b, _ in limited), ask.prompt_tokens + int(raw[1]),
+                                 ask.prompt_usd + int(raw[1]) * ask.output_usd_per_token, int(raw[1]), local=False,
+                                 family=family)
+                window = int(raw[1])
+                limit = getattr(limited[window // 3][1], WINDOW_NAMES[window % 3])
+                used = float(raw[2].decode() if isinstance(raw[2], bytes) else raw[2])
+                name = WINDOW_NAMES[window % 3]
+                resets = {0: (now // 60 + 1) * 60.0, 1: day_end(now), 2: month_end(now)}[window % 3]
+                return Exhausted(name, limit, used, resets, max(0.0, limit - used))
+            raise RedisError("spend windows could not be seeded")
+
+        async def locally() -> Grant | Exhausted:
+            return await self.local.reserve(limited, ask, family)
+
+        return await self.shared.call(in_redis, None if self.shared.fail_closed else locally)
+
+    async def settle(self, grant: Grant, buckets: tuple[str, ...], tokens: int, cost_usd: float) -> None:
+        """Drop the reservation and count the answer, atomically (SETTLE_SCRIPT). Idempotent."""
+        if grant.local:
+            await self.local.settle(grant, buckets, tokens, cost_usd)
+            return
+        if grant.done:
+            return
+        grant.done = True
+        self.local.ledger.add(buckets, tokens, cost_usd)  # kept warm for the fail-open fallback
+        now = time.time()
+        family = grant.family or buckets[-1]
+        keys = [self.names.queue(family), self.names.record(family, grant.id)]
+        for bucket in buckets:
+            keys += self.names.windows(family, bucket, now)
+
+        async def in_redis() -> None:
+            await self.shared._settle(keys=keys, args=[grant.id, tokens, repr(cost_usd)])
+
+        async def skip() -> None:
+            return None  # the reservation expires; the store has the usage event for the next seed
+
+        await self.shared.call(in_redis, skip)
+
+    async def current(self, bucket: str, family: str | None = None
+                      ) -> tuple[tuple[float, float, float], tuple[float, float]]:
+        """(settled tokens this minute, USD today, USD this month), (reserved tokens, reserved USD).
+        ``family``: the root key of ``bucket``'s chain (default: ``bucket`` is a root)."""
+        now = time.time()
+        family = family or bucket
+
+        async def in_redis() -> tuple[tuple[float, float, float], tuple[float, float]]:
+            minute, day, month, tok, usd = await self.shared.client.mget(
+                *self.names.windows(family, bucket, now), *self.names.reserved(family, bucket))
+            if day is None or month is None:
+                day, month = await self._seed(family, bucket, now)
+            return ((float(minute or 0), float(day or 0), float(month or 0)),
+                    (max(0.0, float(tok or 0)), max(0.0, float(usd or 0))))
+
+        async def locally() -> tuple[tuple[float, float, float], tuple[float, float]]:
+            return await self.local.current(bucket)
+
+        return await self.shared.call(in_redis, locally)
+
+    async def reserved(self, bucket: str, family: str | None = None) -> tuple[float, float]:
+        """(tokens, USD) held by reservations not yet settled, across every process."""
+
+        async def in_redis() -> tuple[float, float]:
+            tok, usd = await self.shared.client.mget(*self.names.reserved(family or bucket, bucket))
+            return max(0.0, float(tok or 0)), max(0.0, float(usd or 0))
+
+        async def locally() -> tuple[float, float]:
+            return self.local.ledger.reserved(bucket)
+
+        return await self.shared.call(in_redis, locally)
+
+    async def _seed(self, family: str, bucket: str, now: float) -> tuple[bytes, bytes]:
+        """First use of a day/month window anywhere: start it from what the store already recorded."""
+        day_usd, month_usd = await self.spent_so_far(bucket)
+        _minute, day_key, month_key = self.names.windows(family, bucket, now)
+        pipe = self.shared.client.pipeline(transaction=False)
+        pipe.set(day_key, repr(day_usd), nx=True, ex=2 * 86400)
+        pipe.set(month_key, repr(month_usd), nx=True, ex=40 * 86400)
+        pipe.mget(day_key, month_key)
+        results = await pipe.execute()
+        return results[-1][0], results[-1][1]
+
+    async def add(self, buckets: tuple[str, ...], tokens: int, cost_usd: float) -> None:
+        """Called after the answer went out: costs the client nothing, and is counted before the next check."""
+        if not tokens and not cost_usd:
+            return
+        await self.local.add(buckets, tokens, cost_usd)
+        now = time.time()
+
+        async def in_redis() -> None:
+            pipe = self.shared.client.pipeline(transaction=False)
+            seeded: list[str] = []
+            for bucket in buckets:
+                minute_key, day_key, month_key = self.names.windows(buckets[-1], bucket, now)
+                if tokens:
+                    pipe.incrby(minute_key, tokens)
+                    pipe.expire(minute_key, 120)
+                seeded += [day_key, month_key]
+            await pipe.execute()
+            if cost_usd:
+                await self.shared._add_if_seeded(keys=seeded, args=[repr(cost_usd)])
+
+        async def skip() -> None:
+            return None  # counted locally above; the store has the usage event for the next seed
+
+        await self.shared.call(in_redis, skip)
+
+

@@ -1,0 +1,373 @@
+"""Usage rollups: usage aggregated as it is written, per minute, hour and day.
+
+One table per grain (``usage_rollups_minute``, ``_hour``, ``_day``: each grain's rows stay together
+on disk, and each has its own retention), one row per (organization, bucket start, key, parent key,
+provider, model, cost center, environment, endpoint, MCP server, tool, status class, refusal code)
+with requests, errors (refused + failed, as ``keyplane.domain.outcomes`` tells them apart), tokens
+(prompt-cache writes and reads too), cost and a latency sketch (``keyplane.domain.latency_sketch``: fixed
+log-scale bucket counts that merge by addition). A batch of usage events becomes a few upserts in the
+same transaction as the events themselves, so a summary, a budget seed or an alert reads O(buckets in its
+window), never O(events).
+
+The refusal code is the event's code for a refused request and ``""`` for any other, so a row is all
+refusals or none (recommendations count demand without refusals, and refusals by code).
+
+Missing dimensions (an anonymous refusal has no organization or key) are stored as ``""`` so that
+the primary key (the dimensions), and with it the upsert, works the same on SQLite and PostgreSQL.
+
+Window decomposition: ``[start, end)`` on minute boundaries is covered by the coarsest rows that fit,
+minutes at the ragged edges, then hours, then whole days::
+
+    start         hour           day                      day          hour        end
+      |--minutes--|----hours-----|---------days-----------|---hours----|--minutes--|
+
+A window that runs up to now (``open_ended``) reads the current day's (or hour's) row whole: nothing
+is stored after now, so only its start is ragged.
+
+Organization rollups (``usage_rollups_org_hour``, ``_org_day``): the same measures per hour and day
+without the key dimensions (key, parent key) and without the refusal code, written in the same
+transaction from the same batch. A summary that neither filters nor groups by key (the usage page's
+default, ``keyplane usage``, an organization's alert) reads them for its hours and days: one row per
+(provider, model, cost center, environment, endpoint, MCP server, tool, status class) instead of one
+per key as well. The minutes at a window's ragged edge still come from the keyed minute rows (at most
+two hours of them), summed per the same group: the totals are the same sums.
+
+Write path: a flush's events are summed per row in Python (``aggregate``) before one upsert per row,
+and minute rows older than the minute rollups' retention are not written at all (retention would
+delete them at its next pass; nothing reads minutes that far back, see ``UsageService.window``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from keyplane.domain import latency_sketch
+from keyplane.domain.outcomes import outcome
+
+MINUTE, HOUR, DAY = 60, 3600, 86400
+GRAINS: dict[str, int] = {"m": MINUTE, "h": HOUR, "d": DAY}
+TABLES = {"m": "usage_rollups_minute", "h": "usage_rollups_hour", "d": "usage_rollups_day"}
+DIMENSIONS = ("org_id", "key_id", "parent_id", "provider", "model", "cost_center", "environment", "endpoint",
+              "mcp_server", "tool", "status_class", "refusal_code")
+MEASURES = ("requests", "errors", "refused", "failed", "input_tokens", "output_tokens", "cache_write_tokens",
+            "cache_read_tokens", "cost_usd", "latency_ms_sum")
+UNIQUE = ("org_id", "bucket", *DIMENSIONS[1:])
+_ALL = ("bucket", *DIMENSIONS, *MEASURES, *latency_sketch.COLUMNS)
+_SUMMED = (*MEASURES, *latency_sketch.COLUMNS)
+
+# Per organization, hour and day: no key dimensions, no refusal code (what a summary that does not
+# filter or group by key needs). Tags "oh" and "od" in ``aggregate``'s rows.
+ORG_TABLES = {"h": "usage_rollups_org_hour", "d": "usage_rollups_org_day"}
+ORG_DIMENSIONS = ("org_id", "provider", "model", "cost_center", "environment", "endpoint", "mcp_server", "tool",
+                  "status_class")
+ORG_UNIQUE = ("org_id", "bucket", *ORG_DIMENSIONS[1:])
+_ORG_ALL = ("bucket", *ORG_DIMENSIONS, *MEASURES, *latency_sketch.COLUMNS)
+# What the organization rows can answer: groups they keep (and time groups).
+ORG_GROUPS = frozenset({"provider", "model", "cost_center", "environment", "endpoint", "mcp_server", "tool",
+                        "status_class", "hour", "day", "minute"})
+# Every table a batch is upserted into, by the tag ``aggregate`` puts first in each row.
+_TARGETS = {**{g: (t, _ALL, UNIQUE) for g, t in TABLES.items()},
+            **{f"o{g}": (t, _ORG_ALL, ORG_UNIQUE) for g, t in ORG_TABLES.items()}}
+# Where an organization's dimensions sit in a keyed row's key (grain, bucket, *DIMENSIONS).
+_ORG_PICK = tuple(2 + DIMENSIONS.index(d) for d in ORG_DIMENSIONS)
+
+
+def tables_of(grain: str) -> list[str]:
+    """Every rollup table of a grain (retention prunes them together)."""
+    return [TABLES[grain], *([ORG_TABLES[grain]] if grain in ORG_TABLES else [])]
+
+
+def _placeholders(n: int, paramstyle: str) -> str:
+    if paramstyle == "qmark":
+        return ", ".join("?" for _ in range(n))
+    return ", ".join(f"${i + 1}" for i in range(n))  # asyncpg: numeric_dollar
+
+
+# The driver's own executemany with positional tuples: the write path's cost is per rollup row, and
+# SQLAlchemy's per-row parameter handling was three quarters of it.
+def _upsert_sql(tag: str, paramstyle: str) -> str:
+    table, columns, unique = _TARGETS[tag]
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_placeholders(len(columns), paramstyle)}) "
+            f"ON CONFLICT ({', '.join(unique)}) DO UPDATE SET "
+            + ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in _SUMMED))
+
+
+def status_class(status: int) -> str:
+    return f"{max(1, min(5, status // 100))}xx"
+
+
+def aggregate(events: Iterable[dict[str, Any]], minute_floor: int | None = None) -> list[tuple[Any, ...]]:
+    """Rows to upsert for a batch of usage events (dicts with the ``usage_events`` columns), as tuples of
+    the table's tag (``m``, ``h``, ``d``, ``oh``, ``od``) then its columns, sorted by their unique key so
+    that concurrent writers lock rows in the same order (no deadlocks on PostgreSQL). Minute rows whose
+    bucket starts before ``minute_floor`` (the minute rollups' retention cut) are left out."""
+    acc: dict[tuple[Any, ...], list[Any]] = {}
+    floor = -1 if minute_floor is None else minute_floor
+    bucket_of = latency_sketch.bucket_of
+    for e in events:
+        at = e["time"]
+        at = (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
+        status = int(e["status"])
+        kind = outcome(status)
+        refused, failed = kind == "refused", kind == "failed"
+        dims = (e.get("org_id") or "", e.get("key_id") or "", e.get("parent_id") or "", e.get("provider") or "",
+                e.get("model") or "", e.get("cost_center") or "", e.get("environment") or "",
+                e.get("endpoint") or "", e.get("mcp_server") or "", e.get("tool") or "", status_class(status),
+                str(e.get("code") or status) if refused else "")
+        latency = float(e.get("latency_ms") or 0.0)
+        lat_bucket = bucket_of(latency)
+        tin = int(e.get("input_tokens") or 0)
+        tout = int(e.get("output_tokens") or 0)
+        cw = int(e.get("cache_write_tokens") or 0)
+        cr = int(e.get("cache_read_tokens") or 0)
+        cost = float(e.get("cost_usd") or 0.0)
+        t = int(at)
+        minute = t // MINUTE * MINUTE
+        grains = (("h", t // HOUR * HOUR, *dims), ("d", t // DAY * DAY, *dims))
+        if minute >= floor:
+            grains = (("m", minute, *dims), *grains)
+        for k in grains:
+            row = acc.get(k)
+            if row is None:
+                acc[k] = [1, int(refused or failed), int(refused), int(failed), tin, tout, cw, cr, cost, latency,
+                          {lat_bucket: 1}]
+                continue
+            row[0] += 1
+            row[1] += refused or failed
+            row[2] += refused
+            row[3] += failed
+            row[4] += tin
+            row[5] += tout
+            row[6] += cw
+            row[7] += cr
+            row[8] += cost
+            row[9] += latency
+            hist = row[10]
+            hist[lat_bucket] = hist.get(lat_bucket, 0) + 1
+    # The organization rows: the hour and day rows summed without their key dimensions (fewer rows
+    # than events, so cheaper than a second pass over the events).
+    pick = _ORG_PICK
+    for k, row in list(acc.items()):
+        if k[0] == "m":
+            continue
+        ok = ("o" + k[0], k[1], *(k[i] for i in pick))
+        into = acc.get(ok)
+        if into is None:
+            acc[ok] = [*row[:10], dict(row[10])]
+            continue
+        for i in range(10):
+            into[i] += row[i]
+        hist = into[10]
+        for b, n in row[10].items():
+            hist[b] = hist.get(b, 0) + n
+    out = []
+    zeros = [0] * latency_sketch.BUCKETS
+    for k in sorted(acc):
+        *measures, hist = acc[k]
+        lat = zeros.copy()
+        for b, n in hist.items():
+            lat[b] = n
+        out.append((*k, *measures, *lat))
+    return out
+
+
+def upsert(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Add ``aggregate``'s rows into their tables (inserted, or summed into the existing row)."""
+    for tag in _TARGETS:
+        mine = [row[1:] for row in rows if row[0] == tag]
+        if mine:
+            conn.exec_driver_sql(_upsert_sql(tag, conn.dialect.paramstyle), mine)
+
+
+def floor_to(t: int, width: int) -> int:
+    return t // width * width
+
+
+def ceil_to(t: int, width: int) -> int:
+    return -(-t // width) * width
+
+
+def cover(start: int, end: int, max_grain: str = "d") -> list[tuple[str, int, int]]:
+    """``(grain, from, to)`` ranges of bucket starts that cover ``[start, end)`` exactly (both on minute
+    boundaries) with the fewest rows: the coarsest grain up to ``max_grain`` that fits."""
+    if start >= end:
+        return []
+    out: list[tuple[str, int, int]] = []
+    a_h, b_h = ceil_to(start, HOUR), floor_to(end, HOUR)
+    if a_h >= b_h:
+        return [("m", start, end)]
+    if max_grain == "m":
+        return [("m", start, end)]
+    out += [("m", start, a_h), ("m", b_h, end)]
+    a_d, b_d = ceil_to(a_h, DAY), floor_to(b_h, DAY)
+    if max_grain == "h" or a_d >= b_d:
+        out.append(("h", a_h, b_h))
+    else:
+        out += [("h", a_h, a_d), ("h", b_d, b_h), ("d", a_d, b_d)]
+    return [r for r in out if r[1] < r[2]]
+
+
+@dataclass
+class Totals:
+    requests: int = 0
+    errors: int = 0
+    refused: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+    cost_usd: float = 0.0
+    latency: list[int] | None = None
+
+    @property
+    def served(self) -> int:
+        return self.requests - self.refused - self.failed
+
+    def add(self, row: Sequence[Any]) -> None:
+        """``row``: the ``_SUMMED_COLUMNS`` (the counts, tokens, cost, then the latency bucket counts)."""
+        self.requests += int(row[0] or 0)
+        self.errors += int(row[1] or 0)
+        self.refused += int(row[2] or 0)
+        self.failed += int(row[3] or 0)
+        self.input_tokens += int(row[4] or 0)
+        self.output_tokens += int(row[5] or 0)
+        self.cache_write_tokens += int(row[6] or 0)
+        self.cache_read_tokens += int(row[7] or 0)
+        self.cost_usd += float(row[8] or 0.0)
+        lat = [int(v or 0) for v in row[9:]]
+        self.latency = lat if self.latency is None else [a + b for a, b in zip(self.latency, lat, strict=True)]
+
+
+_GROUP_COLUMNS = {"provider": "provider", "model": "model", "cost_center": "cost_center",
+                  "environment": "environment", "key": "key_id", "endpoint": "endpoint",
+                  "mcp_server": "mcp_server", "tool": "tool", "status_class": "status_class",
+                  "refusal_code": "refusal_code", "hour": "bucket", "day": "bucket", "minute": "bucket"}
+_SUMMED_COLUMNS = ("requests", "errors", "refused", "failed", "input_tokens", "output_tokens", "cache_write_tokens",
+                   "cache_read_tokens", "cost_usd", *latency_sketch.COLUMNS)
+_SUM_AS_SQL = ", ".join(f"SUM({c}) AS {c}" for c in _SUMMED_COLUMNS)
+_SUM_SQL = ", ".join(f"SUM({c})" for c in _SUMMED_COLUMNS)
+
+
+def _key_filter(key_ids: Collection[str] | None, params: dict[str, Any]) -> str:
+    if key_ids is None:
+        return ""
+    names = []
+    for i, key_id in enumerate(sorted(key_ids)):
+        params[f"k{i}"] = key_id
+        names.append(f":k{i}")
+    return f" AND key_id IN ({', '.join(names) or 'NULL'})"
+
+
+def grouped(conn: Connection, org_id: str, start: int, end: int, group_by: str,
+            key_ids: Collection[str] | None = None, max_grain: str = "d", open_ended: bool = False) -> dict[
+                Any, Totals]:
+    """Totals per group over ``[start, end)`` (minute boundaries, unix seconds) for one organization,
+    optionally only the keys in ``key_ids`` (a caller wanting a key's sub-keys passes them too).
+    Time groups (``minute``, ``hour``, ``day``) come back keyed by the group's start in unix seconds.
+
+    ``open_ended``: the window runs up to now, and nothing is stored after now, so the last (current)
+    hour's and day's rows stand in for their minutes and hours: only the start edge is ragged."""
+    column = _GROUP_COLUMNS[group_by]
+    width = {"minute": MINUTE, "hour": HOUR, "day": DAY}.get(group_by)
+    if width is not None:
+        max_grain = min(max_grain, {MINUTE: "m", HOUR: "h", DAY: "d"}[width], key="mhd".index)
+    if open_ended:
+        end = ceil_to(end, GRAINS[max_grain])
+    # One statement (one round trip): each segment summed per group, then the segments' sums added.
+    params: dict[str, Any] = {"org": org_id}
+    keys = _key_filter(key_ids, params)
+    whole_org = key_ids is None and group_by in ORG_GROUPS
+    parts = []
+    for i, (grain, lo, hi) in enumerate(cover(start, end, max_grain)):
+        params[f"lo{i}"], params[f"hi{i}"] = lo, hi
+        table = ORG_TABLES[grain] if whole_org and grain in ORG_TABLES else TABLES[grain]
+        parts.append(f"SELECT {column} AS g, {_SUM_AS_SQL} FROM {table} WHERE org_id = :org "
+                     f"AND bucket >= :lo{i} AND bucket < :hi{i}{keys} GROUP BY {column}")
+    out: dict[Any, Totals] = {}
+    if not parts:
+        return out
+    sql = f"SELECT g, {_SUM_SQL} FROM ({' UNION ALL '.join(parts)}) AS r GROUP BY g"
+    for row in conn.execute(text(sql), params):
+        group = row[0] if width is None else floor_to(int(row[0]), width)
+        out.setdefault(group, Totals()).add(row[1:])
+    return out
+
+
+def per_bucket(conn: Connection, key_ids: Collection[str], start: int, end: int,
+               grain: str = "m") -> list[tuple[int, int, int, int, float]]:
+    """(bucket, requests, failed, tokens, cost) per ``grain`` bucket of some keys' demand (refused requests
+    left out): recommendations."""
+    params: dict[str, Any] = {"lo": start, "hi": end}
+    where = _key_filter(key_ids, params)
+    sql = (f"SELECT bucket, SUM(requests), SUM(failed), SUM(input_tokens + output_tokens), SUM(cost_usd) "
+           f"FROM {TABLES[grain]} WHERE bucket >= :lo AND bucket < :hi{where} AND refusal_code = '' "
+           f"GROUP BY bucket ORDER BY bucket")
+    return [(int(b), int(r), int(f), int(t or 0), float(c or 0.0))
+            for b, r, f, t, c in conn.execute(text(sql), params)]
+
+
+def refusals(conn: Connection, key_ids: Collection[str], start: int, end: int, grain: str = "m") -> dict[str, int]:
+    """Refused requests of some keys per refusal code over ``grain`` buckets in ``[start, end)``."""
+    params: dict[str, Any] = {"lo": start, "hi": end}
+    where = _key_filter(key_ids, params)
+    sql = (f"SELECT refusal_code, SUM(requests) FROM {TABLES[grain]} WHERE bucket >= :lo AND bucket < :hi{where} "
+           f"AND refusal_code <> '' GROUP BY refusal_code")
+    return {str(code): int(n) for code, n in conn.execute(text(sql), params)}
+
+
+def spend(conn: Connection, key_ids: Collection[str], day_start: int, month_start: int) -> tuple[float, float]:
+    """USD spent by some keys (a key's traffic: ``keyplane.services.traffic.key_ids``) since ``day_start``
+    and since ``month_start``: one statement, an index range read (key, bucket) per key, at most 31 day
+    rows per key and dimension combination."""
+    params: dict[str, Any] = {"day": day_start, "month": month_start}
+    keys = _key_filter(key_ids, params)
+    sql = (f"SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(CASE WHEN bucket >= :day THEN cost_usd ELSE 0 END), 0) "
+           f"FROM {TABLES['d']} WHERE bucket >= :month{keys}")
+    month, day = conn.execute(text(sql), params).one()
+    return float(day), float(month)
+
+
+COUNT_SQL = ("SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(errors), 0) FROM {table} "
+             "WHERE org_id = :org AND bucket >= :lo AND bucket < :hi")
+
+
+def counts(conn: Connection, org_id: str, start: int, end: int, key_ids: Collection[str] | None = None,
+           mcp_server: str | None = None) -> tuple[int, int]:
+    """Requests and errors over ``[start, end)`` (minute boundaries) in an organization, optionally only
+    some keys' (a key's traffic) and one MCP server's: alerts."""
+    total = errors = 0
+    for grain, lo, hi in cover(start, end):
+        params: dict[str, Any] = {"org": org_id, "lo": lo, "hi": hi}
+        clause = _key_filter(key_ids, params)
+        if mcp_server is not None:
+            params["srv"] = mcp_server
+            clause += " AND mcp_server = :srv"
+        table = ORG_TABLES[grain] if key_ids is None and grain in ORG_TABLES else TABLES[grain]
+        r, e = conn.execute(text(COUNT_SQL.format(table=table) + clause), params).one()
+        total += int(r)
+        errors += int(e)
+    return total, errors
+
+
+def prune(conn: Connection, table: str, before: int, batch: int) -> int:
+    """Delete rows of a rollup table (``tables_of(grain)``) older than ``before``, the oldest bucket first
+    and at most about ``batch`` rows (whole buckets: at least one) per call, through the bucket index;
+    returns how many."""
+    oldest = conn.execute(text(f"SELECT MIN(bucket) FROM {table}")).scalar()
+    if oldest is None or oldest >= before:
+        return 0
+    # Buckets are evenly spaced: stop after the bucket that brings the count to ``batch``.
+    upto = conn.execute(text(
+        f"SELECT bucket FROM {table} WHERE bucket >= :oldest AND bucket < :before ORDER BY bucket "
+        f"LIMIT 1 OFFSET :n"), {"oldest": oldest, "before": before, "n": batch - 1}).scalar()
+    limit = before if upto is None else min(before, upto + 1)
+    result = conn.execute(text(f"DELETE FROM {table} WHERE bucket >= :oldest AND bucket < :limit"),
+                          {"oldest": oldest, "limit": limit})
+    return int(result.rowcount or 0)
