@@ -96,6 +96,9 @@ class CredentialCache(Generic[V]):
         self.stale_served = 0
         # Bumped on every invalidation: a load that started before one must not cache its result.
         self._generation = 0
+        # Hashes that became real secrets while a load of them was in flight: that load may have
+        # read "unknown" just before the secret was stored, so its negative answer is not cached.
+        self._born_while_loading: set[str] = set()
 
     def peek(self, digest: str) -> V | _Absent | None:
         """A cached answer (the value, or ABSENT for a known-unknown hash), or None on a miss."""
@@ -139,11 +142,13 @@ class CredentialCache(Generic[V]):
             raise
         finally:
             self._inflight.pop(digest, None)
+            born = digest in self._born_while_loading
+            self._born_while_loading.discard(digest)
         if generation == self._generation:
-            if value is None:
-                self.negative.put(digest, ABSENT)
-            else:
+            if value is not None:
                 self.positive.put(digest, value, tags_of(value))
+            elif not born:
+                self.negative.put(digest, ABSENT)
         fut.set_result(value)
         return value
 
@@ -152,8 +157,15 @@ class CredentialCache(Generic[V]):
         self.positive.invalidate_tag(tag)
 
     def forget_negative(self, digest: str) -> None:
-        self._generation += 1
+        """A secret with this hash was just created: it is no longer unknown.
+
+        Only a load of this very hash can be wrong about it, and only in the negative: bumping the
+        generation here would stop every concurrent load in this process from caching what it read
+        (one key created anywhere made every in-flight lookup miss again).
+        """
         self.negative.discard(digest)
+        if digest in self._inflight:
+            self._born_while_loading.add(digest)
 
     def clear(self) -> None:
         self._generation += 1
