@@ -45,3 +45,5 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("uvicorn.access").disabled = True
     # Alembic announces each of its plugins at INFO on every migration: noise in a first start's output.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # ... and each migration step at INFO: keyplane logs one line for the whole upgrade instead.
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)

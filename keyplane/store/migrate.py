@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any fixed number: every keyplane process takes this PostgreSQL advisory lock before migrating.
 _PG_MIGRATION_LOCK = 0x6B657970
+
+log = logging.getLogger("keyplane.store")
 
 
 def head_revision() -> str:
@@ -52,7 +55,8 @@ def _upgrade(connection: Connection, url: str) -> None:
 
 
 async def upgrade(db: Database) -> None:
-    if await current_revision(db) == head_revision():
+    before, head = await current_revision(db), head_revision()
+    if before == head:
         # Already current: no lock, and no Alembic import (a third of a CLI command's start-up).
         return
     async with db.write_engine.connect() as conn:
@@ -63,8 +67,12 @@ async def upgrade(db: Database) -> None:
             await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
             await conn.commit()
         try:
+            if not db.is_sqlite:
+                before = await current_revision(db)  # another process may have migrated while we waited
             await conn.run_sync(_upgrade, db.url)
             await conn.commit()
+            if before != head:
+                log.info("store schema migrated from %s to %s", before or "an empty store", head)
         finally:
             if not db.is_sqlite:
                 await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
