@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import secrets
 import shutil
@@ -133,7 +134,9 @@ async def _migrated_sqlite() -> Path:
         from keyplane.store import migrate
         from keyplane.store.db import Database
 
-        path = Path(tempfile.mkdtemp(prefix="kp-migrated-")) / "keyplane.db"
+        folder = tempfile.mkdtemp(prefix="kp-migrated-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        path = Path(folder) / "keyplane.db"
         db = Database(f"sqlite+aiosqlite:///{path}")
         try:
             await migrate.upgrade(db)
