@@ -28,7 +28,7 @@ serve: $(VENV)/.run-installed
 
 test: $(VENV)/.test-installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25  # two workers; see PROCESS_TEST_MODULES in tests/conftest.py
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25  # two workers; see PROCESS_TEST_GROUPS in tests/conftest.py
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .

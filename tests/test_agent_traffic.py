@@ -336,6 +336,7 @@ async def test_connect_models_setups_work_with_the_sdks(
     assert [e["endpoint"] for e in events] == ["/v1/responses"]
 
 
+@pytest.mark.fresh_store
 async def test_migration_0006_backfills_cache_tokens(settings_factory: Any) -> None:
     """A store from before 0006 keeps its usage events, now with 0 cache tokens (their true value)."""
     from sqlalchemy import text

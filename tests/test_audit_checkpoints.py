@@ -282,6 +282,7 @@ async def test_checkpoints_are_written_once_per_new_head_by_one_of_several_proce
 # -- stores from before the keyed chain -----------------------------------------------------------------
 
 
+@pytest.mark.fresh_store
 async def test_a_legacy_chain_keeps_verifying_after_migration_and_is_pinned(settings_factory: Any) -> None:
     settings = settings_factory()
     settings.home.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ def test_head_revision_is_alembics_head() -> None:
     assert script.get_heads() == [migrate.head_revision()]
 
 
+@pytest.mark.fresh_store
 async def test_new_older_and_current_stores(
     settings_factory: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

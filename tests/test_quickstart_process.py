@@ -21,6 +21,9 @@ from tests.processes import Server, cli
 # which covers PostgreSQL as well.
 PROCESS_BACKENDS = [b for b in BACKENDS if b != "postgresql"] if "distributed" in BACKENDS else BACKENDS
 
+# The quickstart starts from nothing: each first `keyplane serve` here migrates an empty store itself.
+pytestmark = pytest.mark.fresh_store
+
 TOKEN_RE = re.compile(r"mcp_sa_[0-9A-Za-z]{32}")
 
 

@@ -318,6 +318,7 @@ def test_latency_sketch_error_bound() -> None:
         assert abs(reported - x) <= x * latency_sketch.RELATIVE_ERROR + 1e-9
 
 
+@pytest.mark.fresh_store
 async def test_migration_backfills_rollups_from_stored_events(settings_factory: Any) -> None:
     """A store with usage events from before the rollups: migration 0010 folds every one of them in, with
     their outcomes, refusal codes, prompt-cache tokens and MCP servers and tools."""
