@@ -5,8 +5,8 @@ microseconds since the epoch (UTC) from ``time.time_ns()``, exact, turned into t
 ``datetime`` only when a batch is written. The first twelve fields are the rollups' dimensions in their
 order (``keyplane.store.rollups``), so events with the same dimensions are grouped by one slice.
 
-Events given as dicts (the column names as keys, ``time`` a ``datetime``: tests, backfills, the
-MCP gateway's older callers) become rows through ``row_of``.
+Events given as dicts (the column names as keys, ``time`` a ``datetime``: tests, backfills,
+``bench/scale.py``) become rows through ``row_of``.
 """
 
 from __future__ import annotations
