@@ -21,7 +21,6 @@ import hmac
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -29,6 +28,7 @@ import orjson
 from keyplane.domain import mcp_access, scopes
 from keyplane.domain.errors import BEARER_CHALLENGE, KeyplaneError, insufficient_scope, invalid_request, not_found
 from keyplane.domain.policy import KeySnapshot
+from keyplane.domain.usage_row import now_us
 from keyplane.gateway import mcp_cors, mcp_tasks
 from keyplane.gateway.asgi import (
     BodyTooLarge,
@@ -259,12 +259,12 @@ class McpGateway:
                                             f"Request bodies are limited to {self.max_body} bytes")) from None
             admission = await self.enforcer.admit(scope, "", body)
         except Refused as refused:
-            self.metrics.auth_seconds.observe(time.perf_counter() - started)
+            self.metrics.observe_auth(time.perf_counter() - started)
             await send_error(send, refused.error, refused.headers)
             outcome.status, outcome.code = refused.error.status, refused.error.code
             self._finish(outcome, refused.key, refused.ip or self.enforcer.addresses.of(scope), started)
             return
-        self.metrics.auth_seconds.observe(time.perf_counter() - started)
+        self.metrics.observe_auth(time.perf_counter() - started)
         key, ip = admission.key, admission.client_ip
         try:
             route = await self._route(key, name)
@@ -501,15 +501,10 @@ class McpGateway:
         key_id = key.id if key else None
         if key is not None:
             # As on /v1/*: a request no key vouches for (preflights included) is counted, never stored.
-            self.kp.usage_buffer.add({
-                "org_id": key.org_id, "key_id": key_id, "parent_id": key.parent_id,
-                "provider": None, "model": None, "endpoint": f"/mcp/{outcome.server}",
-                "status": outcome.status, "code": outcome.code, "input_tokens": 0, "output_tokens": 0,
-                "cost_usd": 0.0, "latency_ms": latency_ms, "client_ip": ip or None,
-                "cost_center": key.cost_center, "environment": key.environment,
-                "mcp_server": outcome.server, "mcp_method": (outcome.method or "")[:64] or None,
-                "tool": (outcome.tool or "")[:128] or None, "time": datetime.now(UTC),
-            })
+            self.kp.usage_buffer.add((  # a row in usage_row.FIELDS order
+                key.org_id, key_id, key.parent_id, None, None, key.cost_center, key.environment,
+                f"/mcp/{outcome.server}", outcome.server, (outcome.tool or "")[:128] or None, outcome.status,
+                outcome.code, (outcome.method or "")[:64] or None, 0, 0, 0, 0, 0.0, latency_ms, ip or None, now_us()))
         if self.log_requests:
             self.kp.access_log.record({"route": ROUTE_LABEL, "server": outcome.server, "method": outcome.method,
                                        "tool": outcome.tool, "status": outcome.status, "code": outcome.code,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from keyplane.services.container import Keyplane
@@ -83,30 +85,58 @@ class _McpCollector(Collector):
         yield calls
 
 
+class _Requests(Collector):
+    """``keyplane_requests_total{route,status,code}`` and the ``keyplane_auth_seconds`` histogram, counted in
+    plain dicts and lists: every request is counted on the event loop's thread, so prometheus_client's
+    locked values (~1 µs a counter, ~3 µs a histogram observation) buy nothing here."""
+
+    BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int, str], int] = {}
+        self.created: dict[tuple[str, int, str], float] = {}
+        self.auth_buckets = [0] * (len(self.BUCKETS) + 1)  # the last: above every bound (+Inf)
+        self.auth_sum = 0.0
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily("keyplane_requests", "Data-plane and verify requests answered",
+                                       labels=["route", "status", "code"])
+        for (route, status, code), n in list(self.counts.items()):
+            requests.add_metric([route, str(status), code], n, created=self.created.get((route, status, code)))
+        yield requests
+        cumulative, buckets = 0, []
+        for bound, n in zip((*(repr(b) for b in self.BUCKETS), "+Inf"), self.auth_buckets, strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily("keyplane_auth_seconds", "Time to authenticate and enforce a request",
+                                    buckets=buckets, sum_value=self.auth_sum)
+
+
 class Metrics:
     def __init__(self, kp: Keyplane) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "keyplane_requests", "Data-plane and verify requests answered", ["route", "status", "code"],
-            registry=self.registry,
-        )
-        self.auth_seconds = Histogram(
-            "keyplane_auth_seconds", "Time to authenticate and enforce a request",
-            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
-            registry=self.registry,
-        )
+        self._requests = _Requests()
+        self.registry.register(self._requests)
         self.registry.register(_CacheCollector(kp))
-        self._children: dict[tuple[str, int, str], object] = {}
 
     def watch_mcp(self, endpoint: _ToolCallSource) -> None:
         self.registry.register(_McpCollector(endpoint))
 
     def count(self, route: str, status: int, code: str) -> None:
+        counts = self._requests.counts
         key = (route, status, code)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.requests.labels(route, str(status), code)
-        child.inc()  # type: ignore[attr-defined]
+        n = counts.get(key)
+        if n is None:
+            self._requests.created[key] = time.time()
+            counts[key] = 1
+        else:
+            counts[key] = n + 1
+
+    def observe_auth(self, seconds: float) -> None:
+        """Time to authenticate and enforce one request (``keyplane_auth_seconds``)."""
+        requests = self._requests
+        requests.auth_buckets[bisect_left(requests.BUCKETS, seconds)] += 1
+        requests.auth_sum += seconds
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

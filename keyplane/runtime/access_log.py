@@ -2,7 +2,8 @@
 
 Going through ``logging`` (record, formatter, handler lock, a write per line) cost ~35 µs a request,
 a third of the hot path; this costs ~2 µs. Lines have the same shape as keyplane's other logs and
-carry ids, never secrets.
+carry ids, never secrets. The fields every line shares are serialized once: a line is that prefix, the
+time, and the request's own fields as orjson writes them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import orjson
 
 log = logging.getLogger("keyplane.access")
 
+_SHARED = b'","level":"info","logger":"keyplane.access","message":"request",'
+_SHARED_END = _SHARED[:-1]  # no fields of its own: the line ends after "message"
+
 
 def _stderr(data: bytes) -> None:
     sys.stderr.buffer.write(data)
@@ -30,23 +34,23 @@ class AccessLog:
         self._pending: list[bytes] = []
         self.dropped = 0
         self._second = -1
-        self._stamp = ""
+        self._stamp = b""
 
-    def _now(self) -> str:
-        now = time.time()
-        second = int(now)
+    def _now(self) -> bytes:
+        now = time.time_ns()
+        second = now // 1_000_000_000
         if second != self._second:
             self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+        return b"%s.%03dZ" % (self._stamp, now // 1_000_000 % 1000)
 
     def record(self, fields: dict[str, Any]) -> None:
         if len(self._pending) >= self.max_pending:
             self.dropped += 1
             return
-        line = {"time": self._now(), "level": "info", "logger": "keyplane.access", "message": "request"}
-        line.update(fields)
-        self._pending.append(orjson.dumps(line))
+        # {"time": …, "level": …, "logger": …, "message": …, **fields}, without building that dict
+        body = orjson.dumps(fields)
+        self._pending.append(b'{"time":"%s%s%s' % (self._now(), _SHARED if len(body) > 2 else _SHARED_END, body[1:]))
 
     def flush(self) -> None:
         if self.dropped:

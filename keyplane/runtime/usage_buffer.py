@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Integer, String
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
+from keyplane.domain import usage_row
 from keyplane.domain.storable import INT32_MAX, INT32_MIN, storable_int, storable_text
 from keyplane.store.models import UsageEvent
 
@@ -51,7 +52,33 @@ _TEXT_COLUMNS = tuple(_TEXT_LIMITS.items())
 _INT_COLUMNS = tuple(c.name for c in UsageEvent.__table__.columns
                      if isinstance(c.type, Integer) and not c.primary_key)
 
-Write = Callable[[list[dict[str, Any]]], Awaitable[None]]
+# The same bounds by a row's field positions (keyplane.domain.usage_row).
+_ROW_TEXT = tuple((usage_row.FIELDS.index(name), limit) for name, limit in _TEXT_COLUMNS)
+_ROW_INTS = tuple(usage_row.FIELDS.index(name) for name in _INT_COLUMNS)
+
+Event = usage_row.Row | dict[str, Any]
+Write = Callable[[list[Event]], Awaitable[None]]
+
+
+def storable_row(row: usage_row.Row) -> usage_row.Row:
+    """``storable_event`` for a row: the same tuple when nothing needed changing (nearly always)."""
+    clean: list[Any] | None = None
+    for i, limit in _ROW_TEXT:
+        value = row[i]
+        if value.__class__ is str and not (value.isascii() and "\x00" not in value
+                                           and (limit is None or len(value) <= limit)):
+            fixed = storable_text(value, limit)
+            if fixed is not value:
+                if clean is None:
+                    clean = list(row)
+                clean[i] = fixed
+    for i in _ROW_INTS:
+        value = row[i]
+        if value.__class__ is int and not INT32_MIN <= value <= INT32_MAX:
+            if clean is None:
+                clean = list(row)
+            clean[i] = storable_int(value)
+    return row if clean is None else tuple(clean)
 
 
 def storable_event(event: dict[str, Any]) -> dict[str, Any]:
@@ -79,10 +106,14 @@ def storable_event(event: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
+def storable(event: Event) -> Event:
+    return storable_row(event) if event.__class__ is tuple else storable_event(event)  # type: ignore[arg-type]
+
+
 class UsageBuffer:
     def __init__(self, max_events: int = 100_000) -> None:
         self.max_events = max_events
-        self._events: list[dict[str, Any]] = []
+        self._events: list[Event] = []
         self.dropped = 0  # since start: also exported as a metric
         self._dropped_unreported = 0
         self.written = 0
@@ -92,24 +123,24 @@ class UsageBuffer:
     def __len__(self) -> int:
         return len(self._events)
 
-    def add(self, event: dict[str, Any]) -> None:
+    def add(self, event: Event) -> None:
         if len(self._events) >= self.max_events:
             self.dropped += 1
             self._dropped_unreported += 1
             return
-        clean = storable_event(event)
+        clean = storable(event)
         if clean is not event:
             self.sanitised += 1
         self._events.append(clean)
 
-    def take(self) -> list[dict[str, Any]]:
+    def take(self) -> list[Event]:
         if self._dropped_unreported:
             log.warning("usage buffer full: %d events dropped (store slow or unreachable)", self._dropped_unreported)
             self._dropped_unreported = 0
         batch, self._events = self._events, []
         return batch
 
-    def restore(self, batch: list[dict[str, Any]]) -> None:
+    def restore(self, batch: list[Event]) -> None:
         """Put back a batch the store could not take, oldest first, within the bound."""
         room = self.max_events - len(self._events)
         kept = batch[:room] if room > 0 else []
@@ -128,7 +159,7 @@ class UsageBuffer:
         self.written += written
         return written
 
-    async def _write(self, write: Write, batch: list[dict[str, Any]]) -> int:
+    async def _write(self, write: Write, batch: list[Event]) -> int:
         try:
             await write(batch)
             return len(batch)
@@ -143,8 +174,8 @@ class UsageBuffer:
         middle = len(batch) // 2
         return await self._write(write, batch[:middle]) + await self._write(write, batch[middle:])
 
-    async def _write_alone(self, write: Write, event: dict[str, Any], exc: Exception) -> int:
-        clean = storable_event(event)
+    async def _write_alone(self, write: Write, event: Event, exc: Exception) -> int:
+        clean = storable(event)
         if clean is not event:
             try:
                 await write([clean])
@@ -156,6 +187,7 @@ class UsageBuffer:
                     return 0
                 exc = again
         self.quarantined += 1
+        fields = dict(zip(usage_row.FIELDS, event, strict=False)) if isinstance(event, tuple) else event
         log.error("usage event quarantined: the store refused it (%s); key %s, endpoint %s",
-                  type(exc).__name__, event.get("key_id"), str(event.get("endpoint"))[:100])
+                  type(exc).__name__, fields.get("key_id"), str(fields.get("endpoint"))[:100])
         return 0

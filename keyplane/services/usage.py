@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select, text
 from sqlalchemy.orm import Session
 
-from keyplane.domain import latency_sketch
+from keyplane.domain import latency_sketch, usage_row
 from keyplane.domain.errors import invalid_request
 from keyplane.services import traffic
 from keyplane.services.audit import parse_since
@@ -63,24 +63,23 @@ def event_to_dict(e: UsageEvent) -> dict[str, Any]:
     }
 
 
-_COLUMNS = ("org_id", "key_id", "parent_id", "provider", "model", "endpoint", "status", "code", "input_tokens",
-            "output_tokens", "cache_write_tokens", "cache_read_tokens", "cost_usd", "latency_ms", "client_ip",
-            "cost_center", "environment", "mcp_server", "mcp_method", "tool", "time")
-# Fields only MCP gateway events carry; other events leave them null.
-_OPTIONAL = ("mcp_server", "mcp_method", "tool")
-_SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
-                  f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+# Rows (``keyplane.domain.usage_row``) go in as they are, their time as the text SQLAlchemy stores.
+_SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(usage_row.FIELDS)}) "
+                  f"VALUES ({', '.join('?' for _ in usage_row.FIELDS)})")
 
 
-def _sqlite_executemany(s: Session, batch: list[dict[str, Any]]) -> None:
+def as_rows(batch: list[Any]) -> list[usage_row.Row]:
+    """The batch as rows: the gateway's rows as they are, dict events converted."""
+    return [e if type(e) is tuple else usage_row.row_of(e) for e in batch]
+
+
+def _sqlite_executemany(s: Session, rows: list[usage_row.Row]) -> None:
     """The driver's executemany with plain tuples: ~10x cheaper than the ORM's bulk insert, which
     mattered at thousands of events a second (it showed as tail latency on the requests being served).
     Times are stored exactly as SQLAlchemy stores them on SQLite (naive UTC text)."""
-    rows = []
-    for event in batch:
-        at = event["time"].astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")  # strftime's cost/4
-        rows.append((*(event.get(c, 0) if c.startswith("cache_") else event.get(c) for c in _COLUMNS[:-1]), at))
-    s.connection().exec_driver_sql(_SQLITE_INSERT, rows)
+    stored_time = usage_row.StoredTime()
+    t = usage_row.TIME
+    s.connection().exec_driver_sql(_SQLITE_INSERT, [(*r[:t], stored_time(r[t])) for r in rows])
 
 
 class UsageService:
@@ -99,24 +98,28 @@ class UsageService:
             return None
         return int(time.time() if now is None else now) - self.retention.minute_days * 86400
 
-    async def insert(self, batch: list[dict[str, Any]], now: float | None = None) -> None:
+    async def insert(self, batch: list[Any], now: float | None = None) -> None:
         """Store a batch of events and fold it into the rollups, in one transaction, off the event loop
         (SQLite: all of it in a worker thread; PostgreSQL: the aggregation in a thread, then async I/O).
         Events older than the minute rollups' retention (a backfill, a late flush) get no minute rows."""
         floor = self.minute_floor(now)
         if self.db.is_sqlite:
             def write(s: Session) -> None:
-                _sqlite_executemany(s, batch)
-                rollups.upsert(s.connection(), rollups.aggregate(batch, floor))
+                rows = as_rows(batch)
+                _sqlite_executemany(s, rows)
+                rollups.upsert(s.connection(), rollups.aggregate_rows(rows, floor))
 
             await self.db.run_write(write)
         else:
-            rows = await asyncio.to_thread(rollups.aggregate, batch, floor)
-            events = [e if "tool" in e else {**e, **dict.fromkeys(_OPTIONAL)} for e in batch]
+            def prepare() -> tuple[list[tuple[Any, ...]], list[dict[str, Any]]]:
+                rows = as_rows(batch)
+                return rollups.aggregate_rows(rows, floor), [usage_row.as_dict(r) for r in rows]
+
+            aggregated, events = await asyncio.to_thread(prepare)
 
             def write_pg(s: Session) -> None:
                 s.execute(insert(UsageEvent), events)
-                rollups.upsert(s.connection(), rows)
+                rollups.upsert(s.connection(), aggregated)
 
             await self.db.run_write(write_pg)
 

@@ -41,13 +41,12 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from keyplane.domain import latency_sketch
+from keyplane.domain import latency_sketch, usage_row
 from keyplane.domain.outcomes import outcome
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
@@ -103,53 +102,70 @@ def status_class(status: int) -> str:
 
 
 def aggregate(events: Iterable[dict[str, Any]], minute_floor: int | None = None) -> list[tuple[Any, ...]]:
-    """Rows to upsert for a batch of usage events (dicts with the ``usage_events`` columns), as tuples of
-    the table's tag (``m``, ``h``, ``d``, ``oh``, ``od``) then its columns, sorted by their unique key so
+    """``aggregate_rows`` for events given as dicts (the ``usage_events`` columns as keys)."""
+    return aggregate_rows([usage_row.row_of(e) for e in events], minute_floor)
+
+
+def aggregate_rows(rows: Iterable[usage_row.Row], minute_floor: int | None = None) -> list[tuple[Any, ...]]:
+    """Rows to upsert for a batch of usage events (``keyplane.domain.usage_row`` rows), as tuples of the
+    table's tag (``m``, ``h``, ``d``, ``oh``, ``od``) then its columns, sorted by their unique key so
     that concurrent writers lock rows in the same order (no deadlocks on PostgreSQL). Minute rows whose
-    bucket starts before ``minute_floor`` (the minute rollups' retention cut) are left out."""
-    acc: dict[tuple[Any, ...], list[Any]] = {}
+    bucket starts before ``minute_floor`` (the minute rollups' retention cut) are left out.
+
+    Two steps, so that the work per event is small: events are first summed per (minute, dimensions as
+    the event has them), one slice and one dict lookup each; then each of those few groups is normalised
+    and added into its minute, hour, day and organization rows."""
     floor = -1 if minute_floor is None else minute_floor
     bucket_of = latency_sketch.bucket_of
-    for e in events:
-        at = e["time"]
-        at = (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
-        status = int(e["status"])
-        kind = outcome(status)
-        refused, failed = kind == "refused", kind == "failed"
-        dims = (e.get("org_id") or "", e.get("key_id") or "", e.get("parent_id") or "", e.get("provider") or "",
-                e.get("model") or "", e.get("cost_center") or "", e.get("environment") or "",
-                e.get("endpoint") or "", e.get("mcp_server") or "", e.get("tool") or "", status_class(status),
-                str(e.get("code") or status) if refused else "")
-        latency = float(e.get("latency_ms") or 0.0)
+    ends = usage_row.DIMENSIONS_END
+    t_at, tin_at, lat_at = usage_row.TIME, usage_row.INPUT_TOKENS, usage_row.LATENCY_MS
+    per_minute: dict[int, dict[tuple[Any, ...], list[Any]]] = {}
+    for r in rows:
+        minute = r[t_at] // 60_000_000 * MINUTE
+        groups = per_minute.get(minute)
+        if groups is None:
+            groups = per_minute[minute] = {}
+        tin, tout, cw, cr, cost, latency = r[tin_at:lat_at + 1]
+        latency = latency or 0.0
         lat_bucket = bucket_of(latency)
-        tin = int(e.get("input_tokens") or 0)
-        tout = int(e.get("output_tokens") or 0)
-        cw = int(e.get("cache_write_tokens") or 0)
-        cr = int(e.get("cache_read_tokens") or 0)
-        cost = float(e.get("cost_usd") or 0.0)
-        t = int(at)
-        minute = t // MINUTE * MINUTE
-        grains = (("h", t // HOUR * HOUR, *dims), ("d", t // DAY * DAY, *dims))
-        if minute >= floor:
-            grains = (("m", minute, *dims), *grains)
-        for k in grains:
-            row = acc.get(k)
-            if row is None:
-                acc[k] = [1, int(refused or failed), int(refused), int(failed), tin, tout, cw, cr, cost, latency,
-                          {lat_bucket: 1}]
-                continue
-            row[0] += 1
-            row[1] += refused or failed
-            row[2] += refused
-            row[3] += failed
-            row[4] += tin
-            row[5] += tout
-            row[6] += cw
-            row[7] += cr
-            row[8] += cost
-            row[9] += latency
-            hist = row[10]
-            hist[lat_bucket] = hist.get(lat_bucket, 0) + 1
+        g = groups.get(dims := r[:ends])
+        if g is None:
+            groups[dims] = [1, tin or 0, tout or 0, cw or 0, cr or 0, cost or 0.0, latency, {lat_bucket: 1}]
+            continue
+        g[0] += 1
+        g[1] += tin or 0
+        g[2] += tout or 0
+        g[3] += cw or 0
+        g[4] += cr or 0
+        g[5] += cost or 0.0
+        g[6] += latency
+        hist = g[7]
+        hist[lat_bucket] = hist.get(lat_bucket, 0) + 1
+    acc: dict[tuple[Any, ...], list[Any]] = {}
+    for minute, groups in per_minute.items():
+        for (org, key, parent, provider, model, cost_center, environment, endpoint, mcp_server, tool, status,
+             code), (n, tin, tout, cw, cr, cost, latency, hist) in groups.items():
+            status = int(status)
+            kind = outcome(status)
+            refused, failed = int(kind == "refused"), int(kind == "failed")
+            dims = (org or "", key or "", parent or "", provider or "", model or "", cost_center or "",
+                    environment or "", endpoint or "", mcp_server or "", tool or "", status_class(status),
+                    str(code or status) if refused else "")
+            measures = (n, n * (refused | failed), n * refused, n * failed, int(tin), int(tout), int(cw), int(cr),
+                        float(cost), float(latency))
+            grains = (("h", minute // HOUR * HOUR, *dims), ("d", minute // DAY * DAY, *dims))
+            if minute >= floor:
+                grains = (("m", minute, *dims), *grains)
+            for k in grains:
+                row = acc.get(k)
+                if row is None:
+                    acc[k] = [*measures, dict(hist)]
+                    continue
+                for i in range(10):
+                    row[i] += measures[i]
+                into = row[10]
+                for b, c in hist.items():
+                    into[b] = into.get(b, 0) + c
     # The organization rows: the hour and day rows summed without their key dimensions (fewer rows
     # than events, so cheaper than a second pass over the events).
     pick = _ORG_PICK
