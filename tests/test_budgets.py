@@ -222,7 +222,7 @@ async def _ledger_month(app: KeyplaneApp, bucket: str) -> float:
     """What the runtime counters hold as settled this month for ``bucket`` (Redis or this process)."""
     spend: Any = app.kp.spend
     if app.kp.shared is None:
-        return float(spend.ledger._month[bucket][1])
+        return spend.ledger.settled(bucket)[2]
 
     _m, _d, month_key = spend.names.windows(bucket, bucket, time.time())
     return float(await app.kp.shared.client.get(month_key) or 0)
