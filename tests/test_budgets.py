@@ -494,8 +494,11 @@ async def test_redis_too_slow_to_answer_loses_no_spend(app: KeyplaneApp, backend
     late = await spend.reserve(limited, ask, key["id"])
     monkeypatch.setattr(shared, "_reserve", real_reserve)
     assert isinstance(late, Grant) and late.local
-    await spend.settle(late, (key["id"],), 500, 0.05)
-    assert await spend.reserved(key["id"]) == (0.0, 0.0)  # what the script held is dropped
+    await spend.settle(late, (key["id"],), 500, 0.05)  # kept: Redis failed a moment ago
+    after = await spend.reserve(limited, ask, key["id"])  # … and sent before the next reservation
+    assert isinstance(after, Grant) and not after.local
+    await spend.settle(after, (key["id"],), 0, 0.0)
+    assert await spend.reserved(key["id"]) == (0.0, 0.0)  # what the late script held is dropped
     assert await _ledger_month(app, key["id"]) == pytest.approx(0.05)  # and the answer counted in Redis
 
     # 2. A settle that did not get through is sent again before the next reservation, and counts once

@@ -226,6 +226,9 @@ class SharedSpend:
             # Sent again before the next reservation; given up once its done mark would have expired.
             self.unsettled.append((time.monotonic() + self._done_mark_seconds - 600, keys, args))
 
+        if grant.local and not self.shared.up:
+            await later()  # Redis just failed this request's reservation: no second wait before its last byte
+            return
         await self.shared.call(in_redis, later)
 
     async def send_unsettled(self) -> None:
