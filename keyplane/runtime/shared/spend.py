@@ -231,16 +231,23 @@ class SharedSpend:
             return
         await self.shared.call(in_redis, later)
 
-    async def send_unsettled(self) -> None:
-        """Settles Redis did not take when they were made, oldest first; each is removed once Redis took it."""
-        while self.unsettled:
-            give_up, keys, args = self.unsettled[0]
-            if time.monotonic() < give_up:
-                await self.shared._settle(keys=keys, args=args)
-            else:
+    async def send_unsettled(self, at_most: int = 100) -> None:
+        """Settles Redis did not take when they were made, oldest first; each is removed once Redis took it.
+        At most ``at_most`` per call: after an outage, the backlog is spread over the next requests."""
+        for _ in range(at_most):
+            if not self.unsettled:
+                return
+            item = self.unsettled.popleft()  # taken first: two requests draining at once send each one once
+            give_up, keys, args = item
+            if time.monotonic() >= give_up:
                 log.warning("a settle Redis did not take for %.0f s was dropped: the reservation expired, and "
                             "the usage event counts in the next seed of the window", self._done_mark_seconds)
-            self.unsettled.popleft()
+                continue
+            try:
+                await self.shared._settle(keys=keys, args=args)
+            except BaseException:
+                self.unsettled.appendleft(item)
+                raise
 
     async def current(self, bucket: str, family: str | None = None
                       ) -> tuple[tuple[float, float, float], tuple[float, float]]:
