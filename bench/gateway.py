@@ -3,6 +3,7 @@
     python bench/gateway.py                 # ~3 minutes
     python bench/gateway.py --seconds 5
     python bench/gateway.py --budget-only   # a key without vs with a budget, same run (~1 minute)
+    python bench/gateway.py --budget-only --before /tmp/old   # … in this tree and in another, same run
     python bench/gateway.py --before /tmp/old --core-only   # + keyplane from another source tree, same run
 
 Reports added p50/p99 latency at 1 and 8 connections, throughput at high load (64 connections) with the CPU
@@ -101,29 +102,48 @@ async def seed(home: Path, upstream_url: str) -> tuple[str, str]:
     return key, budgeted
 
 
-def measure_budget(url: str, key: str, budgeted: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The same route and keyplane, a key without and one with a budget, alternating rounds (same run)."""
+def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgeted: str, work: Path,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """The same route and keyplane, a key without and one with a budget, alternating rounds (same run).
+    ``urls``: keyplane (and keyplane_before with ``--before``) -> its chat URL; ``pids``: their processes,
+    whose user + system CPU over the requests wrk completed is each sample's ``cpu_us_per_request``."""
     import bench.hotpath as hp
 
     script = lua_post(work / "chat.lua", BODY)
-    headers = {"no_budget": {"Authorization": f"Bearer {key}"}, "budget": {"Authorization": f"Bearer {budgeted}"}}
+    keys = {"no_budget": {"Authorization": f"Bearer {key}"}, "budget": {"Authorization": f"Bearer {budgeted}"}}
+    prefix = {"keyplane": "", "keyplane_before": "before_"}
+    targets = {prefix[server] + name: (url, keys[name], pids[server]) for server, url in urls.items() for name in keys}
     out: dict[str, Any] = {}
     for label, connections in (("moderate_c8", 8), ("high_c64", 64)):
         hp.CONNECTIONS = connections
-        samples: dict[str, list[dict[str, float]]] = {name: [] for name in headers}
-        for name in headers:
-            wrk(url, 2, headers[name], script)
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        for url, headers, _pid in targets.values():
+            wrk(url, 2, headers, script)
         for round_no in range(args.rounds):
-            # Alternate which key goes first: on a loaded machine the order alone shows up in the figures.
-            for name in (list(headers) if round_no % 2 == 0 else list(reversed(headers))):
-                sample = wrk(url, args.seconds, headers[name], script)
+            # Alternate the order: on a loaded machine the order alone shows up in the figures.
+            for name in (list(targets) if round_no % 2 == 0 else list(reversed(targets))):
+                url, headers, pid = targets[name]
+                cpu = cpu_seconds(pid)
+                sample = wrk(url, args.seconds, headers, script)
+                sample["cpu_us_per_request"] = round((cpu_seconds(pid) - cpu) / max(sample["requests"], 1) * 1e6, 1)
                 assert sample["non_2xx"] == 0, (name, sample)
                 samples[name].append(sample)
-        out[label] = {name: {m: statistics.median(s[m] for s in xs) for m in ("rps", "p50_ms", "p99_ms")}
+        out[label] = {name: {m: statistics.median(s[m] for s in xs) for m in ("rps", "p50_ms", "p99_ms",
+                                                                              "cpu_us_per_request")}
                       for name, xs in samples.items()}
     m, h = out["moderate_c8"], out["high_c64"]
-    out["added_p50_ms_moderate"] = round(m["budget"]["p50_ms"] - m["no_budget"]["p50_ms"], 3)
-    out["throughput_ratio_high"] = round(h["budget"]["rps"] / h["no_budget"]["rps"], 3)
+    for server in urls:
+        no, yes = prefix[server] + "no_budget", prefix[server] + "budget"
+        out[f"{server}_summary"] = {
+            "added_p50_ms_moderate": round(m[yes]["p50_ms"] - m[no]["p50_ms"], 3),
+            "throughput_ratio_high": round(h[yes]["rps"] / h[no]["rps"], 3),
+            "added_cpu_us_per_request_high": round(h[yes]["cpu_us_per_request"] - h[no]["cpu_us_per_request"], 1),
+            "added_cpu_us_per_request_moderate": round(m[yes]["cpu_us_per_request"]
+                                                       - m[no]["cpu_us_per_request"], 1),
+        }
+    out["added_p50_ms_moderate"] = out["keyplane_summary"]["added_p50_ms_moderate"]
+    out["throughput_ratio_high"] = out["keyplane_summary"]["throughput_ratio_high"]
+    out["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     return out
 
 
@@ -211,10 +231,14 @@ def main() -> None:
             upstream.wait(f"{upstream_url}/v1/chat/completions")
             keyplane.wait(f"http://127.0.0.1:{kp_port}/healthz")
             if args.budget_only:
+                urls = {"keyplane": f"http://127.0.0.1:{kp_port}/v1/chat/completions"}
+                pids = {"keyplane": keyplane.p.pid}
+                if before is not None:
+                    before.wait(f"http://127.0.0.1:{before_port}/healthz")
+                    urls["keyplane_before"] = f"http://127.0.0.1:{before_port}/v1/chat/completions"
+                    pids["keyplane_before"] = before.p.pid
                 budget = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "seconds": args.seconds,
-                          "rounds": args.rounds,
-                          **measure_budget(f"http://127.0.0.1:{kp_port}/v1/chat/completions", key, budgeted,
-                                           work, args)}
+                          "rounds": args.rounds, **measure_budget(urls, pids, key, budgeted, work, args)}
                 print(json.dumps(budget, indent=2))
                 (ROOT / "bench" / "results").mkdir(exist_ok=True)
                 (ROOT / "bench" / "results" / "budget.json").write_text(json.dumps(budget, indent=2))
@@ -259,7 +283,8 @@ def main() -> None:
             if args.core_only:
                 return report_core(report)
             report["messages"] = measure_messages(upstream_url, f"http://127.0.0.1:{kp_port}", key, work, args)
-            report["budget"] = measure_budget(targets["keyplane"], key, budgeted, work, args)
+            report["budget"] = measure_budget({"keyplane": targets["keyplane"]}, {"keyplane": keyplane.p.pid}, key,
+                                              budgeted, work, args)
         finally:
             keyplane.stop()
             upstream.stop()

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     redis_timeout_seconds: float = Field(
         default=1.0, gt=0, description="Per Redis command, connect and wait for a pooled connection."
     )
+    redis_spend_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="Per budget script (reserve, settle): Redis slow under load is not Redis down, "
+        "and a budget falling back to per-process counting can overspend.")
     redis_max_connections: int = Field(default=32, ge=1, le=10_000, description="Redis connections per process.")
     master_key: str | None = Field(
         default=None, description="base64 of 32 bytes; default a 0600 file under home (required on PostgreSQL)."

@@ -222,7 +222,7 @@ async def _ledger_month(app: KeyplaneApp, bucket: str) -> float:
     """What the runtime counters hold as settled this month for ``bucket`` (Redis or this process)."""
     spend: Any = app.kp.spend
     if app.kp.shared is None:
-        return float(spend.ledger._month[bucket][1])
+        return spend.ledger.settled(bucket)[2]
 
     _m, _d, month_key = spend.names.windows(bucket, bucket, time.time())
     return float(await app.kp.shared.client.get(month_key) or 0)
@@ -462,3 +462,71 @@ async def test_rest_cli_and_mcp_show_settled_and_reserved_spend(
     finally:
         await app.kp.spend.settle(held, (key["id"],), 0, 0.0)
     assert await app.kp.spend.reserved(key["id"]) == (0.0, 0.0)
+
+
+async def test_redis_too_slow_to_answer_loses_no_spend(app: KeyplaneApp, backend: str, client: httpx.AsyncClient,
+                                                       admin: dict[str, str], provider: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load Redis answers late rather than not at all: a script that ran but whose answer timed out, a
+    settle that did not get through. None of that spend may go missing from the shared windows, or every
+    other process would spend it again."""
+    if backend != "distributed":
+        pytest.skip("spend windows shared through Redis")
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    shared, spend = app.kp.shared, app.kp.spend
+    assert shared is not None
+    profile = await make_profile(client, admin, "slow-redis", budget_per_month_usd=1.0)
+    key, _secret = await create_key(client, admin, limit_profile=profile)
+    limited = ((key["id"], Limits(budget_per_month_usd=1.0)),)
+    ask = Ask(10, 0.0, 1000, 0.0001, True)  # holds $0.10
+    warm = await spend.reserve(limited, ask, key["id"])  # seeds the windows in Redis
+    assert isinstance(warm, Grant) and not warm.local
+    await spend.settle(warm, (key["id"],), 0, 0.0)
+    real_reserve, real_settle = shared._reserve, shared._settle
+
+    async def answered_late(*args: Any, **kwargs: Any) -> Any:
+        await real_reserve(*args, **kwargs)
+        raise RedisTimeout("Timeout reading from socket")
+
+    # 1. The reservation ran in Redis, its answer came too late: this process falls back to its own counters.
+    monkeypatch.setattr(shared, "_reserve", answered_late)
+    late = await spend.reserve(limited, ask, key["id"])
+    monkeypatch.setattr(shared, "_reserve", real_reserve)
+    assert isinstance(late, Grant) and late.local
+    await spend.settle(late, (key["id"],), 500, 0.05)  # kept: Redis failed a moment ago
+    after = await spend.reserve(limited, ask, key["id"])  # … and sent before the next reservation
+    assert isinstance(after, Grant) and not after.local
+    await spend.settle(after, (key["id"],), 0, 0.0)
+    assert await spend.reserved(key["id"]) == (0.0, 0.0)  # what the late script held is dropped
+    assert await _ledger_month(app, key["id"]) == pytest.approx(0.05)  # and the answer counted in Redis
+
+    # 2. A settle that did not get through is sent again before the next reservation, and counts once
+    #    even when the first one did run (its answer lost).
+    for ran_first in (False, True):
+        held = await spend.reserve(limited, ask, key["id"])
+        assert isinstance(held, Grant) and not held.local
+
+        async def lost(*args: Any, ran: bool = ran_first, **kwargs: Any) -> Any:
+            if ran:
+                await real_settle(*args, **kwargs)
+            raise RedisTimeout("Timeout reading from socket")
+
+        monkeypatch.setattr(shared, "_settle", lost)
+        await spend.settle(held, (key["id"],), 500, 0.05)
+        monkeypatch.setattr(shared, "_settle", real_settle)
+        again = await spend.reserve(limited, ask, key["id"])
+        assert isinstance(again, Grant)
+        await spend.settle(again, (key["id"],), 0, 0.0)
+        assert await spend.reserved(key["id"]) == (0.0, 0.0)
+    assert await _ledger_month(app, key["id"]) == pytest.approx(0.15)
+
+
+def test_budget_scripts_wait_longer_for_redis_than_other_commands() -> None:
+    from keyplane.runtime.shared import SharedState
+
+    state = SharedState("redis://127.0.0.1:1/0", timeout=1.0, spend_timeout=5.0)
+    assert state.client.connection_pool.connection_kwargs["socket_timeout"] == 1.0
+    assert state.spend_client.connection_pool.connection_kwargs["socket_timeout"] == 5.0
+    assert state._reserve.registered_client is state.spend_client
+    assert state._settle.registered_client is state.spend_client

@@ -20,6 +20,7 @@ Completions request names none, the field is chosen by model family: OpenAI's re
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -42,14 +43,23 @@ def _positive_int(value: Any) -> int | None:
 def ask_for(api: Api, request: dict[str, Any], body_len: int, route: Route, key: KeySnapshot,
             bytes_per_token: float, default_allowance: int) -> tuple[Ask, bool]:
     """The request's worst case, and whether it named its own output bound."""
-    prompt_tokens = max(1, math.ceil(body_len / bytes_per_token))
-    prompt_price = max(route.input_per_mtok, route.cache_write_per_mtok or 0.0) / 1e6
-    clamp = all(limits.clamp_output for _bucket, limits in key.spend_limits)
+    prompt_tokens = math.ceil(body_len / bytes_per_token) or 1
+    write = route.cache_write_per_mtok  # the dearer of the input and cache-write prices
+    prompt_price = (write if write is not None and write > route.input_per_mtok else route.input_per_mtok) / 1e6
+    clamp = True
+    for _bucket, limits in key.spend_limits:
+        if not limits.clamp_output:
+            clamp = False
+            break
     if not api.output_fields:
         return Ask(prompt_tokens, prompt_tokens * prompt_price, 0, 0.0, clamp), True
-    named = [n for n in (_positive_int(request.get(f)) for f in api.output_fields) if n is not None]
+    named = 0  # the smallest bound the request names
+    for name in api.output_fields:
+        value = request.get(name)
+        if value is not None and _positive_int(value) and (not named or value < named):
+            named = value
     choices = _positive_int(request.get("n")) or 1
-    wanted = (min(named) if named else default_allowance) * choices
+    wanted = (named or default_allowance) * choices
     return Ask(prompt_tokens, prompt_tokens * prompt_price, wanted, route.output_per_mtok / 1e6, clamp), bool(named)
 
 
@@ -62,7 +72,12 @@ def unbounded(api: Api) -> KeyplaneError:
 def is_reasoning_model(model: Any) -> bool:
     """o1, o3-mini, o4-mini-2025-04-16, gpt-5, gpt-5.1-codex, openai/o3…: the models that need
     ``max_completion_tokens`` on Chat Completions."""
-    return isinstance(model, str) and _REASONING_MODEL.fullmatch(model.rsplit("/", 1)[-1]) is not None
+    return isinstance(model, str) and _is_reasoning_name(model)
+
+
+@functools.lru_cache(maxsize=1024)  # a deployment has few model names: the regex runs once per name
+def _is_reasoning_name(model: str) -> bool:
+    return _REASONING_MODEL.fullmatch(model.rsplit("/", 1)[-1]) is not None
 
 
 def bound_field(api: Api, request: dict[str, Any]) -> str:
@@ -75,13 +90,16 @@ def bound_field(api: Api, request: dict[str, Any]) -> str:
 def apply_allowance(api: Api, request: dict[str, Any], granted: int) -> str:
     """Write the granted output bound (``granted`` is for all choices together) into the request: every bound
     field it named is lowered; when it named none, :func:`bound_field` is set. Returns a field now set."""
-    choices = _positive_int(request.get("n")) or 1
-    per_choice = max(1, granted // choices)
-    named = [f for f in api.output_fields if _positive_int(request.get(f)) is not None]
-    for field in named:
-        request[field] = min(request[field], per_choice)
-    if named:
-        return named[0]
+    per_choice = granted // (_positive_int(request.get("n")) or 1) or 1
+    first = None
+    for field in api.output_fields:
+        value = request.get(field)
+        if value is not None and _positive_int(value):
+            if per_choice < value:
+                request[field] = per_choice
+            first = first or field
+    if first is not None:
+        return first
     field = bound_field(api, request)
     request[field] = per_choice
     return field

@@ -72,7 +72,7 @@ def month_end(now: float) -> float:
 WINDOW_NAMES = ("tokens_per_minute", "cost_per_day_usd", "budget_per_month_usd")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~5x more, and this is per request
 class Ask:
     """A request's worst case, before it is forwarded."""
 
@@ -87,7 +87,7 @@ class Ask:
 class Grant:
     """A reservation held for one request until it is settled or released."""
 
-    id: str
+    id: str | int  # Redis: "{process}-{n}", names its record; this process's ledger: a number
     buckets: tuple[str, ...]  # the limited buckets it was reserved in
     tokens: int
     usd: float
@@ -100,7 +100,8 @@ class Grant:
 def afford(ask: Ask, windows_left: list[tuple[float, float, str]]) -> int:
     """How much output the tightest window still pays for, given (limit, used incl. reserved, window name)
     for every limited window. Returns the output tokens granted, or ``-(i + 1)`` naming the
-    window ``i`` that refuses. The same rule as the Redis script (shared/spend.py: RESERVE_SCRIPT)."""
+    window ``i`` that refuses. The rule of :meth:`SpendLedger.reserve` and of the Redis script
+    (shared/spend.py: RESERVE_SCRIPT), spelled out once over a list."""
     best = ask.output_tokens
     binding = -1
     for i, (limit, used, name) in enumerate(windows_left):
@@ -118,84 +119,123 @@ def afford(ask: Ask, windows_left: list[tuple[float, float, str]]) -> int:
     return best
 
 
+class _Counters:
+    """One bucket's settled spend in its current windows, and what reservations hold against it.
+    One object per bucket, updated in place: a request reads and writes it without new tuples or dicts."""
+
+    __slots__ = ("day", "day_usd", "held_tokens", "held_usd", "minute", "month", "month_usd", "seeded", "tokens")
+
+    def __init__(self, minute: int, day: str, month: str) -> None:
+        self.minute, self.tokens = minute, 0
+        self.day, self.day_usd = day, 0.0
+        self.month, self.month_usd = month, 0.0
+        self.held_tokens, self.held_usd = 0.0, 0.0
+        self.seeded = False
+
+
 class SpendLedger:
     def __init__(self) -> None:
-        self._tokens: dict[str, tuple[int, int]] = {}  # bucket -> (minute, tokens)
-        self._day: dict[str, tuple[str, float]] = {}  # bucket -> (date, usd)
-        self._month: dict[str, tuple[str, float]] = {}  # bucket -> (yyyy-mm, usd)
-        self._seeded: set[str] = set()
-        self._reserved: dict[str, list[float]] = {}  # bucket -> [tokens, usd] held by reservations
+        self._buckets: dict[str, _Counters] = {}
         self._count = 0
 
+    def _counters(self, bucket: str, now: float) -> _Counters:
+        found = self._buckets.get(bucket)
+        if found is None:
+            found = self._buckets[bucket] = _Counters(*windows(now))
+        return found
+
     def needs_seed(self, bucket: str) -> bool:
-        return bucket not in self._seeded
+        found = self._buckets.get(bucket)
+        return found is None or not found.seeded
 
     def seed(self, bucket: str, day_usd: float, month_usd: float, now: float | None = None) -> None:
-        if bucket in self._seeded:
-            return
         now = time.time() if now is None else now
+        c = self._counters(bucket, now)
+        if c.seeded:
+            return
         _minute, day, month = windows(now)
-        self._day[bucket] = (day, self._day.get(bucket, (day, 0.0))[1] + day_usd)
-        self._month[bucket] = (month, self._month.get(bucket, (month, 0.0))[1] + month_usd)
-        self._seeded.add(bucket)
+        c.day_usd = (c.day_usd if c.day == day else 0.0) + day_usd
+        c.month_usd = (c.month_usd if c.month == month else 0.0) + month_usd
+        c.day, c.month, c.seeded = day, month, True
 
     def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask,
                 now: float | None = None) -> Grant | Exhausted:
-        """All or nothing over every limited window of ``limited``: see :func:`afford`."""
+        """All or nothing over every limited window of ``limited``: what the tightest window still pays for
+        (the rule of :func:`afford`, written out: this runs on every budgeted request)."""
         now = time.time() if now is None else now
         minute, day, month = windows(now)
-        found: list[tuple[float, float, str]] = []
+        ptok, pusd, price = ask.prompt_tokens, ask.prompt_usd, ask.output_usd_per_token
+        best = ask.output_tokens
+        binding: tuple[str, float, float] | None = None
+        buckets = self._buckets
         for bucket, limits in limited:
-            held = self._reserved.get(bucket, (0.0, 0.0))
-            if limits.tokens_per_minute is not None:
-                at, used = self._tokens.get(bucket, (minute, 0))
-                found.append((limits.tokens_per_minute, (used if at == minute else 0) + held[0],
-                              "tokens_per_minute"))
-            if limits.cost_per_day_usd is not None:
-                at_day, spent = self._day.get(bucket, (day, 0.0))
-                found.append((limits.cost_per_day_usd, (spent if at_day == day else 0.0) + held[1],
-                              "cost_per_day_usd"))
-            if limits.budget_per_month_usd is not None:
-                at_month, spent = self._month.get(bucket, (month, 0.0))
-                found.append((limits.budget_per_month_usd, (spent if at_month == month else 0.0) + held[1],
-                              "budget_per_month_usd"))
-        granted = afford(ask, found)
-        if granted < 0:
-            limit, used, name = found[-granted - 1]
-            return Exhausted(name, limit, used, resets_at(name, now), max(0.0, limit - used))
-        tokens = ask.prompt_tokens + granted
-        usd = ask.prompt_usd + granted * ask.output_usd_per_token
-        buckets = tuple(bucket for bucket, _ in limited)
-        for bucket in buckets:
-            held_now = self._reserved.setdefault(bucket, [0.0, 0.0])
-            held_now[0] += tokens
-            held_now[1] += usd
+            c = buckets.get(bucket) or self._counters(bucket, now)
+            limit: float | None = limits.tokens_per_minute
+            if limit is not None:
+                used = (c.tokens if c.minute == minute else 0) + c.held_tokens
+                room = limit - used - ptok
+                if room < 0:
+                    return _exhausted("tokens_per_minute", limit, used, now)
+                # floor(fits) < best exactly when fits < best (best is whole): floored only when it binds
+                fits = room + 1e-9
+                if fits < best:
+                    best, binding = int(fits), ("tokens_per_minute", limit, used)
+            limit = limits.cost_per_day_usd
+            if limit is not None:
+                used = (c.day_usd if c.day == day else 0.0) + c.held_usd
+                room = limit - used - pusd
+                if room < 0:
+                    return _exhausted("cost_per_day_usd", limit, used, now)
+                if price > 0:
+                    fits = room / price + 1e-9
+                    if fits < best:
+                        best, binding = int(fits), ("cost_per_day_usd", limit, used)
+            limit = limits.budget_per_month_usd
+            if limit is not None:
+                used = (c.month_usd if c.month == month else 0.0) + c.held_usd
+                room = limit - used - pusd
+                if room < 0:
+                    return _exhausted("budget_per_month_usd", limit, used, now)
+                if price > 0:
+                    fits = room / price + 1e-9
+                    if fits < best:
+                        best, binding = int(fits), ("budget_per_month_usd", limit, used)
+        if binding is not None and (not ask.clamp or best < 1):
+            return _exhausted(*binding, now)
+        tokens = ptok + best
+        usd = pusd + best * price
+        names = []
+        for bucket, _limits in limited:
+            c = buckets[bucket]
+            c.held_tokens += tokens
+            c.held_usd += usd
+            names.append(bucket)
         self._count += 1
-        return Grant(f"l{self._count}", buckets, tokens, usd, granted)
+        return Grant(self._count, tuple(names), tokens, usd, best)
 
     def release(self, grant: Grant) -> None:
         for bucket in grant.buckets:
-            held = self._reserved.get(bucket)
-            if held is not None:
-                held[0] -= grant.tokens
-                held[1] -= grant.usd
-                if held[0] <= 0 and held[1] <= 1e-12:
-                    del self._reserved[bucket]
+            c = self._buckets.get(bucket)
+            if c is not None:
+                c.held_tokens -= grant.tokens
+                c.held_usd -= grant.usd
+                if c.held_tokens <= 0 and c.held_usd <= 1e-12:  # no float dust left behind
+                    c.held_tokens, c.held_usd = 0.0, 0.0
 
     def settled(self, bucket: str, now: float | None = None) -> tuple[float, float, float]:
         """(tokens this minute, USD today, USD this month) counted after answers."""
         now = time.time() if now is None else now
         minute, day, month = windows(now)
-        at, used = self._tokens.get(bucket, (minute, 0))
-        at_day, spent_day = self._day.get(bucket, (day, 0.0))
-        at_month, spent_month = self._month.get(bucket, (month, 0.0))
-        return (float(used if at == minute else 0), spent_day if at_day == day else 0.0,
-                spent_month if at_month == month else 0.0)
+        c = self._buckets.get(bucket)
+        if c is None:
+            return 0.0, 0.0, 0.0
+        return (float(c.tokens if c.minute == minute else 0), c.day_usd if c.day == day else 0.0,
+                c.month_usd if c.month == month else 0.0)
 
     def reserved(self, bucket: str) -> tuple[float, float]:
         """(tokens, USD) held by reservations not yet settled."""
-        held = self._reserved.get(bucket, (0.0, 0.0))
-        return held[0], held[1]
+        c = self._buckets.get(bucket)
+        return (c.held_tokens, c.held_usd) if c is not None else (0.0, 0.0)
 
     def add(self, buckets: tuple[str, ...], tokens: int, cost_usd: float, now: float | None = None) -> None:
         if not tokens and not cost_usd:
@@ -203,12 +243,23 @@ class SpendLedger:
         now = time.time() if now is None else now
         minute, day, month = windows(now)
         for bucket in buckets:
-            at, used = self._tokens.get(bucket, (minute, 0))
-            self._tokens[bucket] = (minute, (used if at == minute else 0) + tokens)
-            at_day, spent = self._day.get(bucket, (day, 0.0))
-            self._day[bucket] = (day, (spent if at_day == day else 0.0) + cost_usd)
-            at_month, spent_m = self._month.get(bucket, (month, 0.0))
-            self._month[bucket] = (month, (spent_m if at_month == month else 0.0) + cost_usd)
+            c = self._buckets.get(bucket) or self._counters(bucket, now)
+            if c.minute == minute:
+                c.tokens += tokens
+            else:
+                c.minute, c.tokens = minute, tokens
+            if c.day == day:
+                c.day_usd += cost_usd
+            else:
+                c.day, c.day_usd = day, cost_usd
+            if c.month == month:
+                c.month_usd += cost_usd
+            else:
+                c.month, c.month_usd = month, cost_usd
+
+
+def _exhausted(name: str, limit: float, used: float, now: float) -> Exhausted:
+    return Exhausted(name, limit, used, resets_at(name, now), max(0.0, limit - used))
 
 
 class LocalSpend:
@@ -228,7 +279,11 @@ class LocalSpend:
     async def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask,
                       family: str = "") -> Grant | Exhausted:
         """``family`` (the chain's root key) matters to Redis only: this process keys by bucket alone."""
-        await self._seed(limited)
+        needs_seed = self.ledger.needs_seed
+        for bucket, _limits in limited:
+            if needs_seed(bucket):
+                await self._seed(limited)
+                break
         return self.ledger.reserve(limited, ask)
 
     async def settle(self, grant: Grant, buckets: tuple[str, ...], tokens: int, cost_usd: float) -> None:

@@ -12,6 +12,7 @@ families spread over the cluster.
     {ns}:sp:{root}:{bucket}:rt / :ru      tokens / USD held by reservations not yet settled
     {ns}:sp:{root}:rsq                    the family's reservations: sorted set, id -> deadline
     {ns}:sp:{root}:rs:{id}                one reservation: [tokens, USD, [bucket bases]]
+    {ns}:sp:{root}:rs:{id}:done           set once it is settled: a settle retried after a lost answer counts once
 
 The scripts (shared.RESERVE_SCRIPT, SETTLE_SCRIPT) build the record and ``:rt``/``:ru`` names of a
 reservation they reap from ``ARGV[1]`` (:meth:`SpendKeys.script_prefix`) and the bucket bases a record
@@ -50,3 +51,6 @@ class SpendKeys:
 
     def record(self, family: str, grant_id: str) -> str:
         return f"{self.script_prefix(family)}rs:{grant_id}"
+
+    def settled(self, family: str, grant_id: str) -> str:
+        return f"{self.script_prefix(family)}rs:{grant_id}:done"

@@ -161,6 +161,7 @@ class Keyplane(Lifecycle, HotPath, MasterSecrets):
 
         shared = self.shared = SharedState(settings.redis_url, fail_mode=settings.redis_fail_mode,
                                            timeout=settings.redis_timeout_seconds,
+                                           spend_timeout=settings.redis_spend_timeout_seconds,
                                            namespace=settings.redis_namespace,
                                            max_connections=settings.redis_max_connections)
         self.limiter = SharedRateLimiter(shared)

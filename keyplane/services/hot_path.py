@@ -131,7 +131,9 @@ class HotPath:
         """Reserve a request's worst case in every token, daily-cost and monthly window of the key and its
         parents, all or nothing (runtime/spend.py)."""
         try:
-            return await self.spend.reserve(key.spend_limits, ask, key.spend_buckets[-1])
+            # the family: the chain's root key (its last ancestor), without building spend_buckets
+            return await self.spend.reserve(key.spend_limits, ask,
+                                            key.ancestor_ids[-1] if key.ancestor_ids else key.id)
         except LimitsUnavailable:
             raise limits_unavailable() from None
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,8 @@ from keyplane.runtime.spend_keys import SpendKeys
 
 if TYPE_CHECKING:
     from keyplane.runtime.shared.state import SharedState
+
+log = logging.getLogger("keyplane.redis")
 
 
 # Adds to a day or month counter only once it has been seeded from the store (else the seed would be lost).
@@ -99,9 +103,12 @@ return {1, best}
 """
 
 # Settle a reservation: drop what it holds (if it has not expired) and count the answer's actual tokens and
-# cost in every bucket. KEYS: the queue, the record, then per bucket: minute, day, month counter.
-# ARGV: id, tokens, USD. Day and month are added to only once seeded (else the seed would be lost).
+# cost in every bucket, once: a settle sent again (its first answer was lost to a timeout) finds the
+# reservation's "done" mark and counts nothing. KEYS: the queue, the record, the done mark, then per bucket:
+# minute, day, month counter. ARGV: id, tokens, USD, seconds the mark is kept. Day and month are added to
+# only once seeded (else the seed would be lost). Returns 1, or 0 when it was settled already.
 SETTLE_SCRIPT = """
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[4])) then return 0 end
 local rec = redis.call('GET', KEYS[2])
 if rec then
   local r = cjson.decode(rec)
@@ -113,7 +120,7 @@ if rec then
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 local tok, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
-for k = 3, #KEYS, 3 do
+for k = 4, #KEYS, 3 do
   if tok > 0 then
     redis.call('INCRBY', KEYS[k], tok)
     redis.call('EXPIRE', KEYS[k], 120)
@@ -128,7 +135,13 @@ return 1
 
 
 class SharedSpend:
-    """Spend windows in Redis; the in-memory ledger keeps counting too, for the fail-open fallback."""
+    """Spend windows in Redis; the in-memory ledger keeps counting too, for the fail-open fallback.
+
+    Every answer's spend reaches Redis, also when Redis could not take it at once: a settle that failed is
+    kept and sent again before the next reservation (SETTLE_SCRIPT counts it once), and a reservation that
+    fell back to this process's counters is settled in Redis as well (its script may have run there with
+    the answer lost to a timeout: the settle drops what it holds). Spend only one process knew of would let
+    the others spend it again."""
 
     def __init__(self, shared: SharedState, spent_so_far: Callable[[str], Awaitable[tuple[float, float]]],
                  reservation_seconds: float = 900.0) -> None:
@@ -138,6 +151,9 @@ class SharedSpend:
         self.reservation_seconds = reservation_seconds
         self.names = SpendKeys(shared.prefix)
         self._count = 0
+        # settles Redis did not take yet: (give up after, KEYS, ARGV); bounded, oldest dropped first
+        self.unsettled: deque[tuple[float, list[str], list[str | int | float]]] = deque(maxlen=100_000)
+        self._done_mark_seconds = math.ceil(reservation_seconds) + 3600
 
     async def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask, family: str) -> Grant | Exhausted:
         """One script over every limited window of the key and its ancestors (RESERVE_SCRIPT); ``family``
@@ -156,6 +172,8 @@ class SharedSpend:
                      (limits.tokens_per_minute, limits.cost_per_day_usd, limits.budget_per_month_usd)]
 
         async def in_redis() -> Grant | Exhausted:
+            if self.unsettled:
+                await self.send_unsettled()  # what earlier answers spent counts before this reservation
             for _attempt in range(len(limited) + 1):
                 raw = await self.shared._reserve(keys=keys, args=args)
                 verdict = int(raw[0])
@@ -175,32 +193,61 @@ class SharedSpend:
             raise RedisError("spend windows could not be seeded")
 
         async def locally() -> Grant | Exhausted:
-            return await self.local.reserve(limited, ask, family)
+            found = await self.local.reserve(limited, ask, family)
+            if isinstance(found, Grant):  # settled in Redis too, under the id the script may have used
+                found.id, found.family = grant_id, family
+            return found
 
         return await self.shared.call(in_redis, None if self.shared.fail_closed else locally)
 
     async def settle(self, grant: Grant, buckets: tuple[str, ...], tokens: int, cost_usd: float) -> None:
         """Drop the reservation and count the answer, atomically (SETTLE_SCRIPT). Idempotent."""
-        if grant.local:
-            await self.local.settle(grant, buckets, tokens, cost_usd)
-            return
         if grant.done:
             return
-        grant.done = True
-        self.local.ledger.add(buckets, tokens, cost_usd)  # kept warm for the fail-open fallback
+        if grant.local:  # reserved in this process's ledger: Redis was unreachable or too slow
+            await self.local.settle(grant, buckets, tokens, cost_usd)
+        else:
+            grant.done = True
+            self.local.ledger.add(buckets, tokens, cost_usd)  # kept warm for the fail-open fallback
         now = time.time()
         family = grant.family or buckets[-1]
-        keys = [self.names.queue(family), self.names.record(family, grant.id)]
+        keys = [self.names.queue(family), self.names.record(family, str(grant.id)),
+                self.names.settled(family, str(grant.id))]
         for bucket in buckets:
             keys += self.names.windows(family, bucket, now)
+        args: list[str | int | float] = [str(grant.id), tokens, repr(cost_usd), self._done_mark_seconds]
 
         async def in_redis() -> None:
-            await self.shared._settle(keys=keys, args=[grant.id, tokens, repr(cost_usd)])
+            if self.unsettled:
+                await self.send_unsettled()
+            await self.shared._settle(keys=keys, args=args)
 
-        async def skip() -> None:
-            return None  # the reservation expires; the store has the usage event for the next seed
+        async def later() -> None:
+            # Sent again before the next reservation; given up once its done mark would have expired.
+            self.unsettled.append((time.monotonic() + self._done_mark_seconds - 600, keys, args))
 
-        await self.shared.call(in_redis, skip)
+        if grant.local and not self.shared.up:
+            await later()  # Redis just failed this request's reservation: no second wait before its last byte
+            return
+        await self.shared.call(in_redis, later)
+
+    async def send_unsettled(self, at_most: int = 100) -> None:
+        """Settles Redis did not take when they were made, oldest first; each is removed once Redis took it.
+        At most ``at_most`` per call: after an outage, the backlog is spread over the next requests."""
+        for _ in range(at_most):
+            if not self.unsettled:
+                return
+            item = self.unsettled.popleft()  # taken first: two requests draining at once send each one once
+            give_up, keys, args = item
+            if time.monotonic() >= give_up:
+                log.warning("a settle Redis did not take for %.0f s was dropped: the reservation expired, and "
+                            "the usage event counts in the next seed of the window", self._done_mark_seconds)
+                continue
+            try:
+                await self.shared._settle(keys=keys, args=args)
+            except BaseException:
+                self.unsettled.appendleft(item)
+                raise
 
     async def current(self, bucket: str, family: str | None = None
                       ) -> tuple[tuple[float, float, float], tuple[float, float]]:
@@ -238,7 +285,7 @@ class SharedSpend:
         """First use of a day/month window anywhere: start it from what the store already recorded."""
         day_usd, month_usd = await self.spent_so_far(bucket)
         _minute, day_key, month_key = self.names.windows(family, bucket, now)
-        pipe = self.shared.client.pipeline(transaction=False)
+        pipe = self.shared.spend_client.pipeline(transaction=False)
         pipe.set(day_key, repr(day_usd), nx=True, ex=2 * 86400)
         pipe.set(month_key, repr(month_usd), nx=True, ex=40 * 86400)
         pipe.mget(day_key, month_key)

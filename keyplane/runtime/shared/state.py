@@ -23,7 +23,7 @@ T = TypeVar("T")
 class SharedState:
     """One Redis connection pool for the process, its health, and the fallbacks it falls back to."""
 
-    def __init__(self, url: str, *, fail_mode: str = "open", timeout: float = 1.0,
+    def __init__(self, url: str, *, fail_mode: str = "open", timeout: float = 1.0, spend_timeout: float = 5.0,
                  namespace: str = "keyplane", max_connections: int = 32) -> None:
         self.prefix = namespace + ":"  # every key, and the channel: several deployments may share one Redis
         self.channel = namespace + ":changes"
@@ -32,6 +32,13 @@ class SharedState:
             url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
             socket_connect_timeout=timeout, health_check_interval=5)
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        # Budget scripts wait longer, on a pool of their own: under CPU starvation an answer read a second late
+        # is Redis slow, not Redis down, and falling back to this process's counters would let each process
+        # spend the whole budget (docs/operations.md, "Failure modes").
+        spend_pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=max(spend_timeout, timeout),
+            socket_timeout=max(spend_timeout, timeout), socket_connect_timeout=timeout, health_check_interval=5)
+        self.spend_client: aioredis.Redis = aioredis.Redis(connection_pool=spend_pool)
         self.fail_closed = fail_mode == "closed"
         self.origin = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.up = True
@@ -39,9 +46,9 @@ class SharedState:
         self.fallbacks = 0
         self._last_loud = 0.0
         self._gcra = self.client.register_script(GCRA_SCRIPT)
-        self._add_if_seeded = self.client.register_script(ADD_IF_SEEDED)
-        self._reserve = self.client.register_script(RESERVE_SCRIPT)
-        self._settle = self.client.register_script(SETTLE_SCRIPT)
+        self._add_if_seeded = self.spend_client.register_script(ADD_IF_SEEDED)
+        self._reserve = self.spend_client.register_script(RESERVE_SCRIPT)
+        self._settle = self.spend_client.register_script(SETTLE_SCRIPT)
 
     async def call(self, op: Callable[[], Awaitable[T]], fallback: Callable[[], Awaitable[T]] | None) -> T:
         """Run a Redis operation; on failure count it, log it, and use ``fallback`` (or raise)."""
@@ -74,4 +81,5 @@ class SharedState:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.spend_client.aclose()
 
