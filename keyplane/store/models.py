@@ -274,7 +274,7 @@ usage_rollups_day = _usage_rollup_table("usage_rollups_day")
 
 
 def _usage_org_rollup_table(name: str) -> Table:
-    """Usage per hour or day of an organization without the key dimensions (and the refusal code):
+    """Usage per minute, hour or day of an organization without the key dimensions (and the refusal code):
     what summaries that neither filter nor group by key read (keyplane/store/rollups.py)."""
     return Table(
         name,
@@ -288,6 +288,7 @@ def _usage_org_rollup_table(name: str) -> Table:
     )
 
 
+usage_rollups_org_minute = _usage_org_rollup_table("usage_rollups_org_minute")
 usage_rollups_org_hour = _usage_org_rollup_table("usage_rollups_org_hour")
 usage_rollups_org_day = _usage_org_rollup_table("usage_rollups_org_day")
 
