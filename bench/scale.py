@@ -152,11 +152,11 @@ async def last_pk(kp: Any) -> int:
         return int((await s.execute(text("SELECT COALESCE(MAX(pk), 0) FROM usage_events"))).scalar_one())
 
 
-async def fold_in(kp: Any, after: int, page: int = BACKFILL_PAGE) -> None:
+async def fold_in(kp: Any, after: int, page: int = BACKFILL_PAGE, now: float | None = None) -> None:
     """Every event stored after pk ``after`` into the rollups, through keyplane's set-based backfill
     (``rollups.backfill_range``), ``page`` events per transaction; minute rows within the minute
     rollups' retention only, as the write path."""
-    floor = kp.usage.minute_floor()
+    floor = kp.usage.minute_floor(now)
     upto = await last_pk(kp)
     for lo in range(after, upto, page):
         await kp.db.run_write(lambda s, a=lo: rollups.backfill_range(s.connection(), a, min(a + page, upto), floor))
@@ -184,11 +184,12 @@ async def check_loader(kp: Any, keys: list[dict[str, Any]], n: int = 20_000) -> 
     rounding). Both samples are deleted afterwards."""
     rng = random.Random(7)
     sample = [e for batch in events(n, "check-writes", keys, time.time() - 60, rng) for e in batch]
+    now = time.time()  # one minute-retention cut for both ways
     for i in range(0, n, 2_000):  # a few batches: the upserts must add up
-        await kp.usage.insert(sample[i:i + 2_000])
+        await kp.usage.insert(sample[i:i + 2_000], now=now)
     after = await last_pk(kp)
     await store_raw(kp, [{**e, "org_id": "check-bulk"} for e in sample])
-    await fold_in(kp, after, page=3_000)  # pages that do not line up with the batches
+    await fold_in(kp, after, page=3_000, now=now)  # pages that do not line up with the batches
 
     def rows(s: Any, org: str) -> dict[str, list[tuple[Any, ...]]]:
         out = {}
