@@ -1,5 +1,6 @@
 """usage rollups per organization and minute without the key dimensions, backfilled from the keyed
-minute rollups (the ragged edges of unfiltered summaries read them)
+minute rollups (the ragged edges of unfiltered summaries read them); the day rollups' key index
+covers the cost (a budget seed reads the index alone)
 
 Revision ID: 0012
 Revises: 0011
@@ -50,9 +51,17 @@ def upgrade() -> None:
         batch_op.create_index(f'ix_{TABLE}_bucket', ['bucket'], unique=False)
     # The keyed minute rows summed without their key dimensions: one statement in the store.
     op.execute(rollups.org_backfill_sql('m'))
+    _key_index(['key_id', 'bucket', 'cost_usd'])
+
+
+def _key_index(columns: list[str]) -> None:
+    with op.batch_alter_table('usage_rollups_day', schema=None) as batch_op:
+        batch_op.drop_index('ix_usage_rollups_day_key')
+        batch_op.create_index('ix_usage_rollups_day_key', columns, unique=False)
 
 
 def downgrade() -> None:
+    _key_index(['key_id', 'bucket'])
     with op.batch_alter_table(TABLE, schema=None) as batch_op:
         batch_op.drop_index(f'ix_{TABLE}_bucket')
     op.drop_table(TABLE)
