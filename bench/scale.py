@@ -5,9 +5,17 @@
         --postgres postgresql+asyncpg://postgres@127.0.0.1:5432/test
 
 For each store, in one run: 100 keys (20 of them sub-keys) under a metered limit profile; usage events
-spread over the last 31 days loaded with keyplane's own write path (``UsageService.insert``, what the
-gateway's usage buffer flushes: events plus rollups, in batches); then, at each size (the store grows
-from one size to the next):
+spread over the last 31 days, loaded (``--loader``) either
+
+- ``bulk`` (default): the events stored raw in big transactions (COPY on PostgreSQL), then folded into
+  the rollups by keyplane's own set-based backfill (``rollups.backfill_range``: one INSERT … SELECT …
+  GROUP BY … ON CONFLICT per rollup table and 500,000 events, in the store). Before loading, a sample
+  of 20,000 events goes both ways (the write path, and this loader) and every rollup table's rows must
+  be the same (tests/test_usage_rollups.py checks the same on random events); or
+- ``service``: keyplane's write path itself (``UsageService.insert``, what the gateway's usage buffer
+  flushes: events plus rollups, 20,000 a batch), ~5x slower;
+
+then, at each size (the store grows from one size to the next):
 
 - the usage summary (``GET /api/v1/usage/summary`` through the service) for 24 h, 7 d and 30 d:
   best, median and worst of 9, and the Python heap peak of one 30-day summary (tracemalloc);
@@ -51,12 +59,14 @@ from keyplane.config import Settings  # noqa: E402
 from keyplane.runtime.spend import Ask, Grant, LocalSpend  # noqa: E402
 from keyplane.services.principal import system  # noqa: E402
 from keyplane.services.schemas import KeyCreate, LimitProfileCreate  # noqa: E402
+from keyplane.services.usage import _sqlite_executemany  # noqa: E402
 from keyplane.store import rollups  # noqa: E402
 
 MASTER_KEY = "a2V5cGxhbmUtdGVzdC1tYXN0ZXIta2V5LTMyLWJ5dGU="
 MODELS = [("gpt-4o-mini", "openai", 0.15, 0.6), ("gpt-4o", "openai", 2.5, 10.0),
           ("claude-sonnet", "anthropic", 3.0, 15.0), ("text-embedding-3-small", "openai", 0.02, 0.0)]
 SPAN_SECONDS = 31 * 86400
+BACKFILL_PAGE = 500_000
 
 
 async def make_keys(kp: Any, org_id: str) -> list[dict[str, Any]]:
@@ -78,9 +88,10 @@ async def make_keys(kp: Any, org_id: str) -> list[dict[str, Any]]:
     return keys
 
 
-def events(n: int, org_id: str, keys: list[dict[str, Any]], now: float, rng: random.Random) -> Any:
+def events(n: int, org_id: str, keys: list[dict[str, Any]], now: float, rng: random.Random,
+           size: int = 20_000) -> Any:
     """n usage events over the last 31 days, in time order (as the gateway's buffer writes them), in
-    batches of 20,000 (a busy buffer's flush)."""
+    batches of ``size`` (20,000: a busy buffer's flush)."""
     batch: list[dict[str, Any]] = []
     weights = [1.0 / (i + 1) for i in range(len(keys))]  # a few busy keys, a long tail
     chosen = rng.choices(keys, weights=weights, k=min(n, 200_000))
@@ -99,7 +110,7 @@ def events(n: int, org_id: str, keys: list[dict[str, Any]], now: float, rng: ran
             "environment": k["environment"],
             "time": datetime.fromtimestamp(now - SPAN_SECONDS + (i + rng.random()) / n * SPAN_SECONDS, UTC),
         })
-        if len(batch) == 20_000:
+        if len(batch) == size:
             yield batch
             batch = []
     if batch:
@@ -115,6 +126,96 @@ async def load(kp: Any, n: int, org_id: str, keys: list[dict[str, Any]], rng: ra
         if done % 1_000_000 < len(batch):
             print(f"    loaded {done:,} ({done / (time.perf_counter() - started):,.0f}/s)", flush=True)
     return time.perf_counter() - started
+
+
+_EVENT_COLUMNS = ("org_id", "key_id", "parent_id", "provider", "model", "endpoint", "status", "code", "input_tokens",
+                  "output_tokens", "cache_write_tokens", "cache_read_tokens", "cost_usd", "latency_ms", "client_ip",
+                  "cost_center", "environment", "mcp_server", "mcp_method", "tool", "time")
+
+
+async def store_raw(kp: Any, batch: list[dict[str, Any]]) -> None:
+    """Usage events into ``usage_events`` only (no rollups), one transaction: the driver's executemany on
+    SQLite (as the write path does), COPY on PostgreSQL."""
+    if kp.db.is_sqlite:
+        await kp.db.run_write(lambda s: _sqlite_executemany(s, batch))
+        return
+    records = [tuple(e.get(c, 0) if c.startswith("cache_") else e.get(c) for c in _EVENT_COLUMNS) for e in batch]
+    async with kp.db.write_engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        await raw.driver_connection.copy_records_to_table(
+            "usage_events", records=records, columns=_EVENT_COLUMNS, schema_name=kp.db.schema)
+        await conn.commit()
+
+
+async def last_pk(kp: Any) -> int:
+    async with kp.db.read() as s:
+        return int((await s.execute(text("SELECT COALESCE(MAX(pk), 0) FROM usage_events"))).scalar_one())
+
+
+async def fold_in(kp: Any, after: int, page: int = BACKFILL_PAGE, now: float | None = None) -> None:
+    """Every event stored after pk ``after`` into the rollups, through keyplane's set-based backfill
+    (``rollups.backfill_range``), ``page`` events per transaction; minute rows within the minute
+    rollups' retention only, as the write path."""
+    floor = kp.usage.minute_floor(now)
+    upto = await last_pk(kp)
+    for lo in range(after, upto, page):
+        await kp.db.run_write(lambda s, a=lo: rollups.backfill_range(s.connection(), a, min(a + page, upto), floor))
+
+
+async def bulk_load(kp: Any, n: int, org_id: str, keys: list[dict[str, Any]], rng: random.Random) -> dict[str, float]:
+    started = time.perf_counter()
+    after = await last_pk(kp)
+    done = 0
+    for batch in events(n, org_id, keys, time.time() - 60, rng, size=100_000):
+        await store_raw(kp, batch)
+        done += len(batch)
+        if done % 1_000_000 < len(batch):
+            print(f"    stored {done:,} raw ({done / (time.perf_counter() - started):,.0f}/s)", flush=True)
+    stored = time.perf_counter()
+    await fold_in(kp, after)
+    ended = time.perf_counter()
+    print(f"    rollups backfilled in {ended - stored:,.0f} s", flush=True)
+    return {"seconds": ended - started, "events_seconds": stored - started, "rollups_seconds": ended - stored}
+
+
+async def check_loader(kp: Any, keys: list[dict[str, Any]], n: int = 20_000) -> dict[str, int]:
+    """The same sample of events through the write path (into one organization) and through the bulk
+    loader (into another): every rollup table must hold the same rows (cost and latency sums to float
+    rounding). Both samples are deleted afterwards."""
+    rng = random.Random(7)
+    sample = [e for batch in events(n, "check-writes", keys, time.time() - 60, rng) for e in batch]
+    now = time.time()  # one minute-retention cut for both ways
+    for i in range(0, n, 2_000):  # a few batches: the upserts must add up
+        await kp.usage.insert(sample[i:i + 2_000], now=now)
+    after = await last_pk(kp)
+    await store_raw(kp, [{**e, "org_id": "check-bulk"} for e in sample])
+    await fold_in(kp, after, page=3_000, now=now)  # pages that do not line up with the batches
+
+    def rows(s: Any, org: str) -> dict[str, list[tuple[Any, ...]]]:
+        out = {}
+        for table in (*rollups.TABLES.values(), *rollups.ORG_TABLES.values()):
+            result = s.execute(text(f"SELECT * FROM {table} WHERE org_id = :org"), {"org": org})
+            out[table] = sorted(tuple(v for c, v in zip(result.keys(), r, strict=True) if c != "org_id")
+                                for r in result)
+        return out
+
+    written = await kp.db.run_read(lambda s: rows(s, "check-writes"))
+    loaded = await kp.db.run_read(lambda s: rows(s, "check-bulk"))
+    for table, expected in written.items():
+        got = loaded[table]
+        assert len(got) == len(expected) > 0, (table, len(got), len(expected))
+        for a, b in zip(got, expected, strict=True):
+            assert all(x == y or (isinstance(x, float) and math.isclose(x, y, rel_tol=1e-9))
+                       for x, y in zip(a, b, strict=True)), (table, a, b)
+
+    def delete(s: Any) -> None:
+        for table in ("usage_events", *rollups.TABLES.values(), *rollups.ORG_TABLES.values()):
+            s.execute(text(f"DELETE FROM {table} WHERE org_id IN ('check-writes', 'check-bulk')"))
+
+    await kp.db.run_write(delete)
+    counts = {table: len(r) for table, r in written.items()}
+    print(f"  loader check: same rollup rows both ways for {n:,} events: {counts}", flush=True)
+    return counts
 
 
 def pct(values: list[float], p: float) -> float:
@@ -198,7 +299,7 @@ async def measure(app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, 
 
 
 async def run_store(store: str, sizes: list[int], postgres: str | None, probe_seconds: float,
-                    home: str | None = None) -> dict[str, Any]:
+                    home: str | None = None, loader: str = "bulk") -> dict[str, Any]:
     schema = f"kp_bench_{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory(prefix="kp-scale-") as tmp:
         overrides: dict[str, Any] = {"home": Path(home or tmp), "access_log": False, "alert_interval_seconds": 3600,
@@ -218,15 +319,22 @@ async def run_store(store: str, sizes: list[int], postgres: str | None, probe_se
             keys = await make_keys(app.kp, org_id)
             rng = random.Random(13)
             results: dict[str, Any] = {}
+            if loader == "bulk":
+                results["loader_check_rows"] = await check_loader(app.kp, keys)
             loaded = 0
             transport = httpx.ASGITransport(app=app, client=("10.0.0.1", 40000))
             async with httpx.AsyncClient(transport=transport, base_url="http://keyplane.test") as client:
                 for size in sizes:
                     print(f"  {store}: loading {size - loaded:,} events (to {size:,})", flush=True)
-                    seconds = await load(app.kp, size - loaded, org_id, keys, rng)
+                    if loader == "bulk":
+                        parts = await bulk_load(app.kp, size - loaded, org_id, keys, rng)
+                    else:
+                        parts = {"seconds": await load(app.kp, size - loaded, org_id, keys, rng)}
+                    seconds = parts["seconds"]
                     previous, loaded = loaded, size
                     print(f"  {store}: measuring at {size:,}", flush=True)
-                    results[str(size)] = {"load_seconds": round(seconds, 1),
+                    results[str(size)] = {"loader": loader, **{k: round(v, 1) for k, v in parts.items()},
+                                          "load_seconds": round(seconds, 1),
                                           "load_minutes_per_million": round(seconds / 60 / (size - previous) * 1e6, 2),
                                           "load_average_after_load": [round(x, 2) for x in os.getloadavg()],
                                           **await measure(app, client, admin, org_id, keys, probe_seconds)}
@@ -248,12 +356,16 @@ def main() -> None:
     parser.add_argument("--postgres", default=None, help="postgresql+asyncpg://… (a schema is made and dropped)")
     parser.add_argument("--probe-seconds", type=float, default=5.0)
     parser.add_argument("--home", default=None, help="keep the SQLite store here (default: a temporary folder)")
+    parser.add_argument("--loader", choices=("bulk", "service"), default="bulk",
+                        help="bulk: raw events then keyplane's backfill (checked against the write path first); "
+                             "service: UsageService.insert")
     args = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     sizes = [int(s) for s in args.events.split(",")]
     report: dict[str, Any] = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "sizes": sizes}
     for store in args.stores.split(","):
-        report[store] = asyncio.run(run_store(store, sizes, args.postgres, args.probe_seconds, args.home))
+        report[store] = asyncio.run(run_store(store, sizes, args.postgres, args.probe_seconds, args.home,
+                                              args.loader))
     out = ROOT / "bench" / "results" / f"scale-{args.stores.replace(',', '-')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import secrets
 import time
 from collections import defaultdict
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy import text as text_
 
 from keyplane.domain import latency_sketch
@@ -209,12 +210,16 @@ def test_rollup_summary_equals_raw_events(
 
     summary, raw, (spent_day, spent_month), (lo, (minutes, refusals, counts_org, counts_a, counts_files, whole)) = \
         runner.run(run())
+    floor = usage.minute_floor(written)
     for table, (requests, refused, failed, tokens, cost) in whole.items():
-        assert (requests, refused, failed) == (len(raw), sum(outcome(e.status) == "refused" for e in raw),
-                                               sum(outcome(e.status) == "failed" for e in raw)), table
+        # The organization minute rows, like the keyed ones, hold only the minutes within retention.
+        kept = [e for e in raw if table != rollups.ORG_TABLES["m"] or floor is None
+                or rollups.floor_to(int(e.time.timestamp()), rollups.MINUTE) >= floor]
+        assert (requests, refused, failed) == (len(kept), sum(outcome(e.status) == "refused" for e in kept),
+                                               sum(outcome(e.status) == "failed" for e in kept)), table
         assert tokens == sum(e.input_tokens + e.output_tokens + e.cache_write_tokens + e.cache_read_tokens
-                             for e in raw), table
-        assert math.isclose(cost, sum(e.cost_usd for e in raw), abs_tol=1e-9), table
+                             for e in kept), table
+        assert math.isclose(cost, sum(e.cost_usd for e in kept), abs_tol=1e-9), table
     if key_id is not None:
         assert summary["key_id"] == key_id and set(summary["key_ids"]) == key_ids
     start = datetime.fromisoformat(summary["since"])
@@ -343,15 +348,15 @@ async def test_migration_backfills_rollups_from_stored_events(settings_factory: 
                    "mcp_server": "files" if i % 2 else None, "mcp_method": "tools/call" if i % 2 else None,
                    "tool": "read" if i % 2 else None, "time": now - timedelta(hours=i)} for i in range(50)]
         async with db.write() as s:
-            from sqlalchemy import insert
-
             await s.execute(insert(UsageEvent), stored)
-        # 0010 runs: creates the rollups and backfills them from the events; then 0011 backfills the
-        # organization rollups from those (which this summary, not filtered by key, reads).
+        # 0010 runs: creates the rollups and backfills them from the events; then 0011 and 0012 backfill
+        # the organization rollups from those (which this summary, not filtered by key, reads).
         await migrate.upgrade(db)
         async with db.read() as s:
             org_days = (await s.execute(text_(f"SELECT SUM(requests) FROM {rollups.ORG_TABLES['d']}"))).scalar_one()
-        assert org_days == 50
+            org_minutes = (await s.execute(text_(f"SELECT SUM(requests) FROM {rollups.ORG_TABLES['m']}")
+                                           )).scalar_one()
+        assert org_days == 50 and org_minutes == 50  # 0012 backfills the organization minutes from 0010's
         usage = UsageService(db)
         summary = await usage.summary(_principal("org_old"), since="3d", group_by="model")
         [row] = summary["data"]
@@ -403,8 +408,8 @@ async def test_retention_prunes_in_bounded_batches(settings_factory: Any) -> Non
                            for g, t in rollups.ORG_TABLES.items()})
         assert sorted({round((now - t).total_seconds() / 86400) for t in times}) == [1, 2, 20, 21, 70]
         # minutes: 14 days, hours: 60 days (keyed and organization), days: forever
-        assert grains == {"m": 2, "h": 4, "d": 8, "oh": 4, "od": 8}
-        assert removed == 9 + 6 + 4 + 4
+        assert grains == {"m": 2, "h": 4, "d": 8, "om": 2, "oh": 4, "od": 8}
+        assert removed == 9 + 6 + 6 + 4 + 4
         # What is left still adds up: the day rollups keep the whole history's totals.
         summary = await usage.summary(_principal("org_r"), since="200d", group_by="model")
         assert summary["data"][0]["requests"] == 24 and math.isclose(summary["data"][0]["cost_usd"], 12.0)
@@ -437,9 +442,85 @@ async def test_minute_rollups_past_retention_are_not_written(settings_factory: A
         rows = await db.run_read(buckets)
         cut = now.timestamp() - 14 * 86400
         assert len(rows["m"]) == 3 and all(b >= cut - 60 for b in rows["m"])  # 0, 1 and 13 days old
+        assert rows["om"] == rows["m"]
         assert len(rows["h"]) == len(rows["oh"]) == 6  # the hour rows are kept 60 days: all written
         assert rows["d"] == rows["od"] and len(rows["d"]) == 6
         summary = await usage.summary(_principal("org_w"), since="90d", group_by="model")
         assert summary["data"][0]["requests"] == 12
     finally:
         await db.dispose()
+
+
+def test_backfill_builds_the_write_paths_rollups(store: tuple[asyncio.Runner, Database]) -> None:
+    """Events stored raw and then folded in by ``rollups.backfill_page`` (migrations) or by
+    ``rollups.backfill_range`` (SQL in the store: bench/scale.py's bulk loader) give exactly the rollup
+    rows that the write path gives for the same events, in every table:
+    the same dimensions and counts, the same sums (cost to float rounding), minute rows only within the
+    minute rollups' retention."""
+    runner, db = store
+    rng = random.Random(12)
+    drawn = [{"offset": rng.choice([rng.randint(0, 20 * 86400), rng.randint(0, 3600)]),
+              "key": rng.choice(["a", "b", "sub", None]), "provider": rng.choice(["openai", None]),
+              "model": rng.choice(["gpt-4o-mini", "echo-1"]), "endpoint": "/v1/chat/completions",
+              "status": rng.choice([200, 200, 429, 502]), "code": "rate_limited",
+              "input_tokens": rng.randint(0, 900), "output_tokens": rng.randint(0, 900),
+              "cache_write_tokens": rng.randint(0, 9), "cache_read_tokens": rng.randint(0, 9),
+              "mcp": rng.choice([None, ("files", "tools/call", "read")]), "cost_usd": rng.random(),
+              "latency_ms": rng.lognormvariate(5, 1.5), "cost_center": rng.choice(["billing", None]),
+              "environment": "prod"} for _ in range(300)]
+    drawn.sort(key=lambda d: -d["offset"])  # time order, as the buffer writes them
+    # A few events a few microseconds either side of a minute's end (a store may round the fraction).
+    edge = rollups.floor_to(int(_NOW) - 7200, 3600)
+    edges = [datetime.fromtimestamp(edge, UTC) + timedelta(microseconds=us) for us in (-400, -1, 0, 1, 600)]
+    written, paged, in_sql = secrets.token_hex(4), secrets.token_hex(4), secrets.token_hex(4)
+    usage = UsageService(db, Retention(minute_days=14, hour_days=60))
+    floor = usage.minute_floor()
+
+    def events(org: str) -> list[dict[str, Any]]:
+        out = _events(org, drawn)
+        for e, at in zip(out, edges, strict=False):
+            e["time"] = at
+        return out
+
+    async def store_raw(org: str) -> tuple[int, int]:
+        async with db.read() as s:
+            last = (await s.execute(text_("SELECT COALESCE(MAX(pk), 0) FROM usage_events"))).scalar_one()
+        async with db.write() as s:
+            await s.execute(insert(UsageEvent), [{**e, **{k: e.get(k) for k in ("mcp_server", "mcp_method", "tool")}}
+                                                 for e in events(org)])
+        return last, last + len(drawn)
+
+    async def run() -> tuple[dict[str, list[Any]], ...]:
+        mine = events(written)
+        for i in range(0, len(drawn), 64):
+            await usage.insert(mine[i:i + 64])
+        last: int | None = (await store_raw(paged))[0]
+        while last is not None:  # pages that do not line up with the write path's batches
+            last = await db.run_write(lambda s, a=last: rollups.backfill_page(s.connection(), a, 50, floor))
+        after, upto = await store_raw(in_sql)
+        for lo in range(after, upto, 70):  # ranges whose hour and day rows overlap: the sums must add up
+            await db.run_write(lambda s, a=lo: rollups.backfill_range(s.connection(), a, min(a + 70, upto), floor))
+
+        def rows(s: Any, org: str) -> dict[str, list[Any]]:
+            out = {}
+            for table in (*rollups.TABLES.values(), *rollups.ORG_TABLES.values()):
+                result = s.connection().execute(text_(f"SELECT * FROM {table} WHERE org_id = :org"), {"org": org})
+                columns = list(result.keys())
+                # The key ids name their organization: compare them without it.
+                out[table] = sorted(tuple(v.replace(org, "") if isinstance(v, str) else v
+                                          for c, v in zip(columns, r, strict=True) if c != "org_id") for r in result)
+            return out
+
+        return tuple([await db.run_read(lambda s, o=o: rows(s, o)) for o in (written, paged, in_sql)])
+
+    by_writes, *by_backfills = runner.run(run())
+    assert len(by_writes[rollups.ORG_TABLES["m"]]) > 0
+    for by_backfill in by_backfills:
+        for table, expected in by_writes.items():
+            got = by_backfill[table]
+            assert len(got) == len(expected), table
+            for a, b in zip(got, expected, strict=True):
+                assert len(a) == len(b) and all(
+                    x == y or (isinstance(x, float) and math.isclose(x, y, rel_tol=1e-9))
+                    or (not isinstance(x, str) and int(x) == int(y) == x)  # PostgreSQL's SUM: numeric
+                    for x, y in zip(a, b, strict=True)), (table, a, b)

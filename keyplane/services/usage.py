@@ -126,13 +126,17 @@ class UsageService:
     async def spent_so_far(self, bucket: str) -> tuple[float, float]:
         """USD spent today and this month (UTC) by a key's traffic (with its sub-keys at any depth: they
         spend from its budget): the key ids (an index lookup per level), then the day rollups (an index
-        range read per key, at most 31 days of rows), whatever the history."""
+        range read per key, at most 31 days of rows), whatever the history. One transaction: on SQLite one
+        worker-thread hop, on PostgreSQL one pool checkout (a checkout pings the server, a transaction
+        costs BEGIN and COMMIT: each a round trip, more than the queries themselves)."""
         now = datetime.now(UTC)
         month_start = int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
         day_start = int(now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
-        async with self.db.read() as s:
-            ids = await traffic.key_ids(s, None, bucket)
-        return await self.db.run_read(lambda s: rollups.spend(s.connection(), ids, day_start, month_start))
+
+        def read(s: Session) -> tuple[float, float]:
+            return rollups.spend(s.connection(), traffic.key_ids_in(s, None, bucket), day_start, month_start)
+
+        return await self.db.run_read(read)
 
     def window(self, since: str, now: float | None = None) -> tuple[int, int]:
         """``[start, end)`` in unix seconds on minute boundaries: what a summary ``since`` covers."""

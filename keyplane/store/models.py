@@ -245,7 +245,7 @@ def _measures() -> list[Column[Any]]:
     ]
 
 
-def _usage_rollup_table(name: str) -> Table:
+def _usage_rollup_table(name: str, key_index: tuple[str, ...] = ("key_id", "bucket")) -> Table:
     """Usage per minute, hour or day and dimension combination, upserted with each usage batch
     (keyplane/store/rollups.py). Absent dimensions are ``""``; ``bucket`` is the start in unix seconds.
 
@@ -262,7 +262,7 @@ def _usage_rollup_table(name: str) -> Table:
         *_shared_dimensions(),
         Column("refusal_code", String(40), primary_key=True),  # a refused request's code, "" for any other
         *_measures(),
-        Index(f"ix_{name}_key", "key_id", "bucket"),
+        Index(f"ix_{name}_key", *key_index),
         Index(f"ix_{name}_bucket", "bucket"),
         sqlite_with_rowid=False,
     )
@@ -270,11 +270,13 @@ def _usage_rollup_table(name: str) -> Table:
 
 usage_rollups_minute = _usage_rollup_table("usage_rollups_minute")
 usage_rollups_hour = _usage_rollup_table("usage_rollups_hour")
-usage_rollups_day = _usage_rollup_table("usage_rollups_day")
+# The budget seed sums cost over a key's day rows: with the cost in the index it reads the index
+# alone, not one table row per day and dimension combination (scattered on PostgreSQL by upserts).
+usage_rollups_day = _usage_rollup_table("usage_rollups_day", ("key_id", "bucket", "cost_usd"))
 
 
 def _usage_org_rollup_table(name: str) -> Table:
-    """Usage per hour or day of an organization without the key dimensions (and the refusal code):
+    """Usage per minute, hour or day of an organization without the key dimensions (and the refusal code):
     what summaries that neither filter nor group by key read (keyplane/store/rollups.py)."""
     return Table(
         name,
@@ -288,6 +290,7 @@ def _usage_org_rollup_table(name: str) -> Table:
     )
 
 
+usage_rollups_org_minute = _usage_org_rollup_table("usage_rollups_org_minute")
 usage_rollups_org_hour = _usage_org_rollup_table("usage_rollups_org_hour")
 usage_rollups_org_day = _usage_org_rollup_table("usage_rollups_org_day")
 

@@ -24,30 +24,34 @@ minutes at the ragged edges, then hours, then whole days::
 A window that runs up to now (``open_ended``) reads the current day's (or hour's) row whole: nothing
 is stored after now, so only its start is ragged.
 
-Organization rollups (``usage_rollups_org_hour``, ``_org_day``): the same measures per hour and day
-without the key dimensions (key, parent key) and without the refusal code, written in the same
-transaction from the same batch. A summary that neither filters nor groups by key (the usage page's
-default, ``keyplane usage``, an organization's alert) reads them for its hours and days: one row per
-(provider, model, cost center, environment, endpoint, MCP server, tool, status class) instead of one
-per key as well. The minutes at a window's ragged edge still come from the keyed minute rows (at most
-two hours of them), summed per the same group: the totals are the same sums.
+Organization rollups (``usage_rollups_org_minute``, ``_org_hour``, ``_org_day``): the same measures per
+minute, hour and day without the key dimensions (key, parent key) and without the refusal code, written
+in the same transaction from the same batch. A summary that neither filters nor groups by key (the usage
+page's default, ``keyplane usage``, an organization's alert) reads only them: one row per (provider,
+model, cost center, environment, endpoint, MCP server, tool, status class) instead of one per key as
+well, for the ragged-edge minutes too (their keyed rows grow with the keys active in each minute).
 
 Write path: a flush's events are summed per row in Python (``aggregate``) before one upsert per row,
 and minute rows older than the minute rollups' retention are not written at all (retention would
 delete them at its next pass; nothing reads minutes that far back, see ``UsageService.window``).
+
+Backfill (migrations, bulk loads): ``backfill_page`` folds stored events into the rollups with the same
+``aggregate`` and ``upsert``, a page at a time; ``org_backfill_sql`` sums the keyed rows of a grain into
+its organization table in the store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from keyplane.domain import latency_sketch, usage_row
-from keyplane.domain.outcomes import outcome
+from keyplane.domain.outcomes import REFUSED_STATUSES, outcome
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
 GRAINS: dict[str, int] = {"m": MINUTE, "h": HOUR, "d": DAY}
@@ -60,9 +64,9 @@ UNIQUE = ("org_id", "bucket", *DIMENSIONS[1:])
 _ALL = ("bucket", *DIMENSIONS, *MEASURES, *latency_sketch.COLUMNS)
 _SUMMED = (*MEASURES, *latency_sketch.COLUMNS)
 
-# Per organization, hour and day: no key dimensions, no refusal code (what a summary that does not
-# filter or group by key needs). Tags "oh" and "od" in ``aggregate``'s rows.
-ORG_TABLES = {"h": "usage_rollups_org_hour", "d": "usage_rollups_org_day"}
+# Per organization, minute, hour and day: no key dimensions, no refusal code (what a summary that does
+# not filter or group by key needs). Tags "om", "oh" and "od" in ``aggregate``'s rows.
+ORG_TABLES = {"m": "usage_rollups_org_minute", "h": "usage_rollups_org_hour", "d": "usage_rollups_org_day"}
 ORG_DIMENSIONS = ("org_id", "provider", "model", "cost_center", "environment", "endpoint", "mcp_server", "tool",
                   "status_class")
 ORG_UNIQUE = ("org_id", "bucket", *ORG_DIMENSIONS[1:])
@@ -79,7 +83,7 @@ _ORG_PICK = tuple(2 + DIMENSIONS.index(d) for d in ORG_DIMENSIONS)
 
 def tables_of(grain: str) -> list[str]:
     """Every rollup table of a grain (retention prunes them together)."""
-    return [TABLES[grain], *([ORG_TABLES[grain]] if grain in ORG_TABLES else [])]
+    return [TABLES[grain], ORG_TABLES[grain]]
 
 
 def _placeholders(n: int, paramstyle: str) -> str:
@@ -108,8 +112,8 @@ def aggregate(events: Iterable[dict[str, Any]], minute_floor: int | None = None)
 
 def aggregate_rows(rows: Iterable[usage_row.Row], minute_floor: int | None = None) -> list[tuple[Any, ...]]:
     """Rows to upsert for a batch of usage events (``keyplane.domain.usage_row`` rows), as tuples of the
-    table's tag (``m``, ``h``, ``d``, ``oh``, ``od``) then its columns, sorted by their unique key so
-    that concurrent writers lock rows in the same order (no deadlocks on PostgreSQL). Minute rows whose
+    table's tag (``m``, ``h``, ``d``, ``om``, ``oh``, ``od``) then its columns, sorted by their unique key
+    so that concurrent writers lock rows in the same order (no deadlocks on PostgreSQL). Minute rows whose
     bucket starts before ``minute_floor`` (the minute rollups' retention cut) are left out.
 
     Two steps, so that the work per event is small: events are first summed per (minute, dimensions as
@@ -166,12 +170,10 @@ def aggregate_rows(rows: Iterable[usage_row.Row], minute_floor: int | None = Non
                 into = row[10]
                 for b, c in hist.items():
                     into[b] = into.get(b, 0) + c
-    # The organization rows: the hour and day rows summed without their key dimensions (fewer rows
-    # than events, so cheaper than a second pass over the events).
+    # The organization rows: the keyed rows summed without their key dimensions (fewer rows than
+    # events, so cheaper than a second pass over the events).
     pick = _ORG_PICK
     for k, row in list(acc.items()):
-        if k[0] == "m":
-            continue
         ok = ("o" + k[0], k[1], *(k[i] for i in pick))
         into = acc.get(ok)
         if into is None:
@@ -199,6 +201,128 @@ def upsert(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         mine = [row[1:] for row in rows if row[0] == tag]
         if mine:
             conn.exec_driver_sql(_upsert_sql(tag, conn.dialect.paramstyle), mine)
+
+
+# What ``aggregate`` reads of a stored event.
+_EVENT_COLUMNS = ("pk", "org_id", "key_id", "parent_id", "provider", "model", "endpoint", "status", "code",
+                  "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens", "cost_usd", "latency_ms",
+                  "cost_center", "environment", "mcp_server", "tool", "time")
+
+
+def backfill_page(conn: Connection, after: int, page: int = 20_000, minute_floor: int | None = None,
+                  tags: Collection[str] | None = None) -> int | None:
+    """Fold the next ``page`` stored events with ``pk > after`` (in pk order) into the rollups (only the
+    tables tagged ``tags``, default all), exactly as the write path folds a batch; returns the last pk
+    read, or None when there was none. Memory stays bounded by the page; each page can be its own
+    transaction."""
+    args = _placeholders(2, conn.dialect.paramstyle).split(", ")
+    rows = conn.exec_driver_sql(
+        f"SELECT {', '.join(_EVENT_COLUMNS)} FROM usage_events WHERE pk > {args[0]} ORDER BY pk LIMIT {args[1]}",
+        (after, page)).fetchall()
+    if not rows:
+        return None
+    batch = []
+    for r in rows:
+        event = dict(zip(_EVENT_COLUMNS, r, strict=True))
+        at = event["time"]
+        if isinstance(at, str):  # SQLite: naive UTC text
+            event["time"] = datetime.fromisoformat(at).replace(tzinfo=UTC)
+        batch.append(event)
+    out = aggregate(batch, minute_floor)
+    upsert(conn, out if tags is None else [row for row in out if row[0] in tags])
+    return int(rows[-1][0])
+
+
+def _latency_edges() -> list[float]:
+    """The smallest float that ``latency_sketch.bucket_of`` puts in bucket i, for i = 1 … BUCKETS - 1
+    (bisection over the floats themselves), so that SQL comparisons bucket exactly as Python does."""
+    edges = []
+    for i in range(1, latency_sketch.BUCKETS):
+        lo, hi = 0.0, 2.0 ** 40  # bucket_of(lo) < i <= bucket_of(hi)
+        while True:
+            mid = (lo + hi) / 2
+            if mid in (lo, hi):
+                break
+            if latency_sketch.bucket_of(mid) >= i:
+                hi = mid
+            else:
+                lo = mid
+        edges.append(hi)
+    return edges
+
+
+_EDGES = _latency_edges()
+
+
+def backfill_sql(dialect: str, tag: str, minute_floor: int | None = None) -> tuple[str, dict[str, Any]]:
+    """One set-based statement that folds the stored events with ``:after < pk <= :upto`` into the table
+    tagged ``tag`` (``m`` … ``od``), the same rows ``aggregate`` and ``upsert`` make of them (sums added
+    into existing rows), computed in the store: what a bulk load of millions of events can afford
+    (``bench/scale.py``; tests/test_usage_rollups.py checks it against the write path). Returns the SQL and
+    its parameters but ``after`` and ``upto``."""
+    table, columns, unique = _TARGETS[tag]
+    width = GRAINS[tag[-1]]
+    if dialect == "sqlite":
+        # Naive UTC text; whole seconds without the fraction (strftime would round it to milliseconds).
+        seconds = "CAST(strftime('%s', substr(time, 1, 19)) AS INTEGER)"
+        nan = ""
+    else:
+        seconds = "CAST(FLOOR(EXTRACT(EPOCH FROM time)) AS BIGINT)"
+        nan = "WHEN latency_ms = CAST('NaN' AS DOUBLE PRECISION) THEN 0 "  # bucket_of: NaN is bucket 0
+    params: dict[str, Any] = {f"edge{i + 1}": edge for i, edge in enumerate(_EDGES)}
+    lat_bucket = ("CASE " + nan + " ".join(f"WHEN latency_ms >= :edge{i} THEN {i}" for i in range(len(_EDGES), 0, -1))
+                  + " ELSE 0 END")
+    refused = "status IN (" + ", ".join(str(s) for s in REFUSED_STATUSES) + ")"
+    dims = {
+        "org_id": "COALESCE(org_id, '')", "key_id": "COALESCE(key_id, '')", "parent_id": "COALESCE(parent_id, '')",
+        "provider": "COALESCE(provider, '')", "model": "COALESCE(model, '')",
+        "cost_center": "COALESCE(cost_center, '')", "environment": "COALESCE(environment, '')",
+        "endpoint": "COALESCE(endpoint, '')", "mcp_server": "COALESCE(mcp_server, '')", "tool": "COALESCE(tool, '')",
+        "status_class": "CASE WHEN status < 200 THEN '1xx' WHEN status < 300 THEN '2xx' WHEN status < 400 THEN '3xx' "
+                        "WHEN status < 500 THEN '4xx' ELSE '5xx' END",
+        "refusal_code": f"CASE WHEN {refused} THEN COALESCE(NULLIF(code, ''), CAST(status AS VARCHAR(40))) ELSE '' END",
+    }
+    keep = [d for d in columns[1:] if d in dims]
+    event = [f"({seconds} / {width}) * {width} AS bucket", *(f"{dims[d]} AS {d}" for d in keep),
+             "CASE WHEN status >= 400 THEN 1 ELSE 0 END AS errors",
+             f"CASE WHEN {refused} THEN 1 ELSE 0 END AS refused",
+             f"CASE WHEN status >= 400 AND NOT {refused} THEN 1 ELSE 0 END AS failed",
+             *(f"COALESCE({c}, 0) AS {c}" for c in ("input_tokens", "output_tokens", "cache_write_tokens",
+                                                     "cache_read_tokens", "cost_usd")),
+             "COALESCE(latency_ms, 0) AS latency_ms", f"{lat_bucket} AS lat"]
+    sums = ["COUNT(*)", *(f"SUM({c})" for c in ("errors", "refused", "failed", "input_tokens", "output_tokens",
+                                                "cache_write_tokens", "cache_read_tokens", "cost_usd", "latency_ms")),
+            *(f"SUM(CASE WHEN lat = {i} THEN 1 ELSE 0 END)" for i in range(latency_sketch.BUCKETS))]
+    where = "1 = 1"  # (SQLite: an upsert's SELECT needs a WHERE)
+    if tag == "m" or tag == "om":
+        if minute_floor is not None:
+            where = "bucket >= :floor"
+            params["floor"] = minute_floor
+    group = ", ".join(("bucket", *keep))
+    # Materialized: the latency bucket is computed once per event, not once per sketch column.
+    sql = (f"WITH e AS MATERIALIZED (SELECT {', '.join(event)} FROM usage_events WHERE pk > :after AND pk <= :upto) "
+           f"INSERT INTO {table} ({', '.join(columns)}) SELECT {group}, {', '.join(sums)} FROM e WHERE {where} "
+           f"GROUP BY {group} ON CONFLICT ({', '.join(unique)}) DO UPDATE SET "
+           + ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in _SUMMED))
+    return sql, params
+
+
+def backfill_range(conn: Connection, after: int, upto: int, minute_floor: int | None = None,
+                   tags: Collection[str] | None = None) -> None:
+    """The stored events with ``after < pk <= upto`` into every rollup table (or those tagged ``tags``),
+    one ``backfill_sql`` statement per table."""
+    for tag in _TARGETS:
+        if tags is None or tag in tags:
+            sql, params = backfill_sql(conn.dialect.name, tag, minute_floor)
+            conn.execute(text(sql), {**params, "after": after, "upto": upto})
+
+
+def org_backfill_sql(grain: str) -> str:
+    """One statement that fills a grain's organization table from its keyed rows (an empty table: a
+    migration's backfill, or a bulk load's)."""
+    dims = ", ".join(ORG_UNIQUE)
+    return (f"INSERT INTO {ORG_TABLES[grain]} ({dims}, {', '.join(_SUMMED)}) "
+            f"SELECT {dims}, {', '.join(f'SUM({c})' for c in _SUMMED)} FROM {TABLES[grain]} GROUP BY {dims}")
 
 
 def floor_to(t: int, width: int) -> int:
@@ -303,7 +427,7 @@ def grouped(conn: Connection, org_id: str, start: int, end: int, group_by: str,
     parts = []
     for i, (grain, lo, hi) in enumerate(cover(start, end, max_grain)):
         params[f"lo{i}"], params[f"hi{i}"] = lo, hi
-        table = ORG_TABLES[grain] if whole_org and grain in ORG_TABLES else TABLES[grain]
+        table = ORG_TABLES[grain] if whole_org else TABLES[grain]
         parts.append(f"SELECT {column} AS g, {_SUM_AS_SQL} FROM {table} WHERE org_id = :org "
                      f"AND bucket >= :lo{i} AND bucket < :hi{i}{keys} GROUP BY {column}")
     out: dict[Any, Totals] = {}
@@ -365,7 +489,7 @@ def counts(conn: Connection, org_id: str, start: int, end: int, key_ids: Collect
         if mcp_server is not None:
             params["srv"] = mcp_server
             clause += " AND mcp_server = :srv"
-        table = ORG_TABLES[grain] if key_ids is None and grain in ORG_TABLES else TABLES[grain]
+        table = ORG_TABLES[grain] if key_ids is None else TABLES[grain]
         r, e = conn.execute(text(COUNT_SQL.format(table=table) + clause), params).one()
         total += int(r)
         errors += int(e)

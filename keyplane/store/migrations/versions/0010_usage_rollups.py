@@ -4,8 +4,6 @@ Revision ID: 0010
 Revises: 0009
 """
 
-from datetime import UTC, datetime
-
 import sqlalchemy as sa
 from alembic import op
 
@@ -18,18 +16,6 @@ branch_labels = None
 depends_on = None
 
 BACKFILL_PAGE = 20_000
-
-_events = sa.table(
-    'usage_events', sa.column('pk', sa.Integer()), sa.column('org_id', sa.String()), sa.column('key_id', sa.String()),
-    sa.column('parent_id', sa.String()), sa.column('provider', sa.String()), sa.column('model', sa.String()),
-    sa.column('endpoint', sa.String()), sa.column('status', sa.Integer()), sa.column('code', sa.String()),
-    sa.column('input_tokens', sa.Integer()), sa.column('output_tokens', sa.Integer()),
-    sa.column('cache_write_tokens', sa.Integer()), sa.column('cache_read_tokens', sa.Integer()),
-    sa.column('cost_usd', sa.Float()), sa.column('latency_ms', sa.Float()),
-    sa.column('cost_center', sa.String()), sa.column('environment', sa.String()),
-    sa.column('mcp_server', sa.String()), sa.column('tool', sa.String()),
-    sa.column('time', sa.DateTime(timezone=True)),
-)
 
 
 def upgrade() -> None:
@@ -73,24 +59,11 @@ def upgrade() -> None:
 
 
 def _backfill(conn: sa.engine.Connection) -> None:
-    """Every stored event into the rollups, a page at a time (memory stays bounded)."""
-    last = 0
-    while True:
-        rows = conn.execute(sa.select(_events).where(_events.c.pk > last).order_by(_events.c.pk)
-                            .limit(BACKFILL_PAGE)).mappings().all()
-        if not rows:
-            return
-        last = rows[-1]['pk']
-        batch = []
-        for r in rows:
-            event = dict(r)
-            at = event['time']
-            if isinstance(at, str):  # SQLite text, naive UTC
-                at = datetime.fromisoformat(at)
-            event['time'] = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-            batch.append(event)
-        # The keyed rollups only: the organization ones arrive with 0011 (backfilled from these).
-        rollups.upsert(conn, [row for row in rollups.aggregate(batch) if row[0] in rollups.TABLES])
+    """Every stored event into the keyed rollups (the organization ones arrive with 0011, backfilled
+    from these), a page at a time (memory stays bounded)."""
+    last: int | None = 0
+    while last is not None:
+        last = rollups.backfill_page(conn, last, BACKFILL_PAGE, tags=rollups.TABLES)
 
 
 def downgrade() -> None:

@@ -16,8 +16,6 @@ down_revision = '0010'
 branch_labels = None
 depends_on = None
 
-_SUMMED = (*rollups.MEASURES, *latency_sketch.COLUMNS)
-
 
 def upgrade() -> None:
     for table in rollups.TABLES.values():
@@ -25,7 +23,8 @@ def upgrade() -> None:
         # then (key_id, bucket). One index less to update per upserted row.
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.drop_index(f'ix_{table}_parent')
-    for grain, table in rollups.ORG_TABLES.items():
+    for grain in ('h', 'd'):  # the minute ones arrive with 0012
+        table = rollups.ORG_TABLES[grain]
         op.create_table(table,
         sa.Column('org_id', sa.String(length=40), nullable=False),
         sa.Column('bucket', sa.BigInteger(), nullable=False),
@@ -54,14 +53,11 @@ def upgrade() -> None:
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.create_index(f'ix_{table}_bucket', ['bucket'], unique=False)
         # The keyed rows summed without their key dimensions: one statement in the store, no event re-read.
-        dims = ', '.join(rollups.ORG_UNIQUE)
-        op.execute(f"INSERT INTO {table} ({dims}, {', '.join(_SUMMED)}) "
-                   f"SELECT {dims}, {', '.join(f'SUM({c})' for c in _SUMMED)} "
-                   f"FROM {rollups.TABLES[grain]} GROUP BY {dims}")
+        op.execute(rollups.org_backfill_sql(grain))
 
 
 def downgrade() -> None:
-    for table in rollups.ORG_TABLES.values():
+    for table in (rollups.ORG_TABLES['h'], rollups.ORG_TABLES['d']):
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.drop_index(f'ix_{table}_bucket')
         op.drop_table(table)

@@ -1,0 +1,103 @@
+"""A key's first budget check, the seed of its spend windows (``UsageService.spent_so_far``): the
+key walk and the day-rollup read in two transactions (before) or in one (now), same store, same run,
+interleaved.
+
+    python bench/spend_seed.py --events 200000                       # SQLite
+    python bench/spend_seed.py --events 200000 --postgres postgresql+asyncpg://postgres@127.0.0.1:5432/test
+
+The store: bench/scale.py's keys and events (bulk-loaded). Each round seeds every sub-key's and its
+parent's windows side by side (what the first request of a sub-key with a budget does), one way then
+the other. Prints the median and best wall time per way, the median CPU time of this process (what
+the code costs, without the waits for a loaded machine's scheduler), and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import MASTER_KEY, bulk_load, make_keys
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from keyplane.app import KeyplaneApp
+from keyplane.config import Settings
+from keyplane.services import traffic
+from keyplane.store import rollups
+
+
+async def before(kp: Any, bucket: str) -> tuple[float, float]:
+    """The seed as it was: the walk in an async session, then the rollup read in another transaction."""
+    now = datetime.now(UTC)
+    month_start = int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
+    day_start = int(now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
+    async with kp.db.read() as s:
+        ids = await traffic.key_ids(s, None, bucket)
+    return await kp.db.run_read(lambda s: rollups.spend(s.connection(), ids, day_start, month_start))
+
+
+async def run(postgres: str | None, n: int, rounds: int) -> None:
+    schema = f"kp_bench_{secrets.token_hex(4)}"
+    with tempfile.TemporaryDirectory(prefix="kp-seed-") as tmp:
+        overrides: dict[str, Any] = {"home": Path(tmp), "access_log": False, "alert_interval_seconds": 3600,
+                                     "retention_interval_seconds": 3600}
+        if postgres:
+            engine = create_async_engine(postgres)
+            async with engine.begin() as conn:
+                await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+            await engine.dispose()
+            overrides.update(database_url=postgres, database_schema=schema, master_key=MASTER_KEY)
+        app = KeyplaneApp(Settings(**overrides))
+        boot = await app.startup()
+        try:
+            kp = app.kp
+            keys = await make_keys(kp, boot.org_id)
+            await bulk_load(kp, n, boot.org_id, keys, random.Random(13))
+            pairs = [(k["id"], k["parent_id"]) for k in keys[80:]]
+            ways = {"before (two transactions)": before,
+                    "now (one transaction)": lambda kp, b: kp.usage.spent_so_far(b)}
+            times: dict[str, list[float]] = {w: [] for w in ways}
+            cpu: dict[str, list[float]] = {w: [] for w in ways}
+            for r in range(rounds):
+                for name, way in (ways.items() if r % 2 else reversed(ways.items())):
+                    for sub, parent in pairs:
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        a, _ = await asyncio.gather(way(kp, sub), way(kp, parent))
+                        times[name].append((time.perf_counter() - t0) * 1000)
+                        cpu[name].append((time.process_time() - c0) * 1000)  # this process's own work
+                        assert a == await kp.usage.spent_so_far(sub)
+            for name, ts in times.items():
+                print(f"{name}: median {statistics.median(ts):.2f} ms, best {min(ts):.2f} ms, "
+                      f"CPU median {statistics.median(cpu[name]):.2f} ms ({len(ts)} seeds)")
+            print(f"load average {os.getloadavg()}")
+        finally:
+            await app.shutdown()
+            if postgres:
+                engine = create_async_engine(postgres)
+                async with engine.begin() as conn:
+                    await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+                await engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--postgres", default=None)
+    args = parser.parse_args()
+    asyncio.run(run(args.postgres, args.events, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
