@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,10 +23,26 @@ import uvicorn
 KEYPLANE = shutil.which("keyplane", path=str(Path(sys.executable).parent)) or "keyplane"
 
 
+# Ports for test servers come from below Linux's ephemeral range (32768+), in a band of their own per
+# xdist worker. A port from bind(0) is free only until it is released: another worker's server, or any
+# outgoing connection, could take it before our server binds it, and a readiness check would then reach
+# someone else's server (seen as a 401 on a loaded machine). Ports below the ephemeral range are never
+# handed out by the kernel, and the bands keep the two workers apart.
+_BAND = 4000
+_BAND_START = 20000 + _BAND * (int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 3)
+_port_offsets = itertools.count(random.randrange(_BAND))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for _ in range(_BAND):
+        port = _BAND_START + next(_port_offsets) % _BAND
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (another run on this machine, or a server of ours still up)
+            return port
+    raise RuntimeError(f"no free port in {_BAND_START}-{_BAND_START + _BAND - 1}")
 
 
 def env_for(settings_env: dict[str, str]) -> dict[str, str]:
