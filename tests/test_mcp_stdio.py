@@ -447,3 +447,34 @@ def test_cli_registers_a_command_with_env_from_the_environment(tmp_path: Path,
     assert refused.exit_code == 1 and "command_not_allowed" in refused.output
     ok("mcp-servers", "update", "fs", "--clear-env")
     assert orjson.loads(ok("mcp-servers", "show", "fs"))["env"] == []
+
+
+async def test_a_write_to_a_server_that_already_exited_says_why() -> None:
+    # A server that exits at once can be gone before keyplane writes `initialize` (a broken pipe) or after
+    # (its stdout ends): either way the client must hear the exit code and the server's stderr, not only
+    # "closed its input". Deterministic: a pipe that is already broken, and readers that record the exit
+    # a moment later, as _read_stdout and _read_stderr do.
+    from types import SimpleNamespace
+
+    from keyplane.domain.errors import KeyplaneError
+    from keyplane.gateway.mcp_stdio import StdioSession
+
+    class BrokenStdin:
+        def write(self, data: bytes) -> None:
+            pass
+
+        async def drain(self) -> None:
+            raise BrokenPipeError
+
+    session = StdioSession("s", SimpleNamespace(name="broken"), SimpleNamespace(stdin=BrokenStdin()))  # type: ignore[arg-type]
+
+    async def readers_see_the_exit() -> None:
+        await asyncio.sleep(0.05)
+        session.stderr_tail.append("cannot start: token …")
+        session.ended = "exited (exit code 3)"
+
+    session.tasks = [asyncio.ensure_future(readers_see_the_exit())]
+    with pytest.raises(KeyplaneError) as refused:
+        await session.send(b'{"jsonrpc":"2.0","id":1,"method":"initialize"}')
+    assert refused.value.status == 502 and refused.value.code == "upstream_error"
+    assert "exit code 3" in refused.value.message and "cannot start: token" in refused.value.message

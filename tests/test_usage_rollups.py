@@ -178,11 +178,13 @@ def test_rollup_summary_equals_raw_events(
     traffic_a = {f"key_{org}_{k}" for k in ("a", "sub", "subsub")}
 
     written = time.time()
+    asked_at: list[datetime] = []  # just before the summary was asked for
 
     async def run() -> tuple[dict[str, Any], list[UsageEvent], tuple[float, float], Any]:
         await _add_keys(db, org)
         for batch in batches:  # several batches: the upserts must add up, not overwrite
             await usage.insert(_events(org, batch), now=written)
+        asked_at.append(datetime.now(UTC))
         if key_id is not None:
             summary = await usage.summary(_principal(org), since=since, group_by=group_by, key_id=key_id,
                                           include_sub_keys=include_sub_keys)
@@ -223,8 +225,10 @@ def test_rollup_summary_equals_raw_events(
     if key_id is not None:
         assert summary["key_id"] == key_id and set(summary["key_ids"]) == key_ids
     start = datetime.fromisoformat(summary["since"])
-    asked = datetime.now(UTC) - timedelta(seconds=_since_seconds(since))
-    assert start <= asked  # the window never starts later than asked, only earlier to a whole bucket
+    asked = asked_at[0] - timedelta(seconds=_since_seconds(since))
+    # The window never starts later than asked (the summary computed it a little after asked_at), only
+    # earlier to a whole bucket.
+    assert start <= datetime.now(UTC) - timedelta(seconds=_since_seconds(since))
     # ... to the hour past the minute rollups' retention, to the day past the hour rollups'.
     age = datetime.now(UTC) - asked
     slack = timedelta(minutes=1)

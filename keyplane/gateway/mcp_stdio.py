@@ -56,6 +56,7 @@ MAX_MESSAGE = 16 * 1024 * 1024  # one line of stdout: one JSON-RPC message
 BACKLOG = 256  # server-to-client messages kept for a GET stream not yet open
 STDERR_TAIL = 20
 STOP_GRACE = 2.0
+READERS_GRACE = 3.0  # for a dead process's readers to record its exit code and stderr (see _read_stdout)
 # Set by the gateway for stdio servers only (a client's own headers never carry it through): the key asking.
 OWNER_HEADER = "keyplane-key-id"
 ENDED_REMEMBERED = 4096  # why recent sessions ended, for the 404 their next request gets
@@ -155,8 +156,12 @@ class StdioSession:
                 stdin.write(message + b"\n")
                 await stdin.drain()
             except (ConnectionError, BrokenPipeError, RuntimeError):
-                raise KeyplaneError(502, "upstream_error", f"MCP server '{self.route.name}' closed its "
-                                                           "input") from None
+                # The process is gone or going (e.g. it exited at once, before reading anything): let the
+                # readers see it out, so the client hears why (exit code, stderr), as a request sent a
+                # moment earlier would have.
+                await asyncio.wait(self.tasks, timeout=READERS_GRACE)
+                raise KeyplaneError(502, "upstream_error", f"MCP server '{self.route.name}' closed its input: "
+                                                           f"{self.exit_reason()}") from None
 
     def deliver(self, raw: bytes, message: dict[str, Any]) -> None:
         """Route one message from the process to whoever waits for it."""
