@@ -73,10 +73,13 @@ def uvicorn_cmd(target: str, port: int) -> list[str]:
 
 
 def keyplane_cmd(port: int) -> list[str]:
-    """keyplane as ``keyplane serve`` runs it: uvicorn's own X-Forwarded-For rewriting and Server header off
+    """keyplane as ``keyplane serve`` runs it: its own httptools protocol (keyplane/http_protocol.py),
+    uvicorn's own X-Forwarded-For rewriting and Server header off
     (keyplane resolves clients itself, KEYPLANE_TRUSTED_PROXIES). uvicorn's middleware was ~2% of a profile's
     samples; the difference in CPU per request was below this machine's noise (docs/performance.md)."""
-    return [*uvicorn_cmd("keyplane.asgi:app", port), "--no-proxy-headers", "--no-server-header"]
+    cmd = [*uvicorn_cmd("keyplane.asgi:app", port), "--no-proxy-headers", "--no-server-header"]
+    cmd[cmd.index("httptools")] = "keyplane.http_protocol:ShapedHttpToolsProtocol"  # keyplane serve's protocol
+    return cmd
 
 
 async def seed(home: Path, upstream_url: str) -> tuple[str, str]:
