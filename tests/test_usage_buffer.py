@@ -5,25 +5,26 @@ from __future__ import annotations
 import pytest
 
 from keyplane.app import KeyplaneApp
+from keyplane.domain import usage_row
 from keyplane.runtime.usage_buffer import UsageBuffer
 
 
 def test_a_full_buffer_counts_and_logs_what_it_drops(caplog: pytest.LogCaptureFixture) -> None:
     buffer = UsageBuffer(max_events=3)
     for i in range(5):
-        buffer.add({"n": i})
+        buffer.add({"input_tokens": i})
     assert len(buffer) == 3 and buffer.dropped == 2
-    assert [e["n"] for e in buffer.take()] == [0, 1, 2]
+    assert [e[usage_row.INPUT_TOKENS] for e in buffer.take()] == [0, 1, 2]
     assert "2 events dropped" in caplog.text
 
 
 def test_a_refused_batch_goes_back_in_front() -> None:
     buffer = UsageBuffer(max_events=4)
-    buffer.add({"n": 1})
+    buffer.add({"input_tokens": 1})
     batch = buffer.take()
-    buffer.add({"n": 2})
+    buffer.add({"input_tokens": 2})
     buffer.restore(batch)
-    assert [e["n"] for e in buffer.take()] == [1, 2] and buffer.dropped == 0
+    assert [e[usage_row.INPUT_TOKENS] for e in buffer.take()] == [1, 2] and buffer.dropped == 0
 
 
 async def test_events_survive_a_store_outage(app: KeyplaneApp) -> None:
@@ -59,13 +60,13 @@ async def test_a_store_restarting_keeps_the_batch_instead_of_quarantining_it() -
 
     calls: list[int] = []
 
-    async def restarting(batch: list[dict[str, object]]) -> None:
+    async def restarting(batch: list[usage_row.Row]) -> None:
         calls.append(len(batch))
         raise DBAPIError("INSERT …", None, AdminShutdown("terminating connection due to administrator command"))
 
     buffer = UsageBuffer()
     for i in range(4):
-        buffer.add({"n": i})
+        buffer.add({"input_tokens": i})
     assert await buffer.flush(restarting) == 0
     assert calls == [4]  # one attempt, not halved down to single records
-    assert buffer.quarantined == 0 and [e["n"] for e in buffer.take()] == [0, 1, 2, 3]
+    assert buffer.quarantined == 0 and [e[usage_row.INPUT_TOKENS] for e in buffer.take()] == [0, 1, 2, 3]

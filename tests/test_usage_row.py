@@ -8,8 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keyplane.domain import usage_row
-from keyplane.runtime.usage_buffer import storable_event, storable_row
+from keyplane.domain.storable import INT32_MAX, storable_int, storable_text
+from keyplane.runtime.usage_buffer import UsageBuffer, storable_row
 from keyplane.store import rollups
+from keyplane.store.models import UsageEvent
 
 EVENT = {"org_id": "org_x", "key_id": "vk_x", "parent_id": None, "provider": "p", "model": "m",
          "endpoint": "/v1/chat/completions", "status": 200, "code": "ok", "input_tokens": 3, "output_tokens": 4,
@@ -36,12 +38,29 @@ def test_a_dict_event_and_its_row_say_the_same() -> None:
 
 
 @given(model=st.text(max_size=260), tokens=st.integers(-(2**40), 2**40), cost_center=st.none() | st.text(max_size=120))
-def test_a_row_is_sanitised_like_its_dict(model: str, tokens: int, cost_center: str | None) -> None:
+def test_a_row_is_sanitised_field_by_field(model: str, tokens: int, cost_center: str | None) -> None:
     event = {**EVENT, "model": model, "input_tokens": tokens, "cost_center": cost_center}
     row = usage_row.row_of(event)
     clean = storable_row(row)
-    assert usage_row.as_dict(clean) == usage_row.as_dict(usage_row.row_of(storable_event(event)))
-    assert (clean is row) == (storable_event(event) is event)
+    limits = {c.name: getattr(c.type, "length", None) for c in UsageEvent.__table__.columns}
+    expected = {**usage_row.as_dict(row), "model": storable_text(model, limits["model"]),
+                "input_tokens": storable_int(tokens),
+                "cost_center": None if cost_center is None else storable_text(cost_center, limits["cost_center"])}
+    assert usage_row.as_dict(clean) == expected
+    if model.isascii() and (cost_center or "").isascii() and "\x00" not in model + (cost_center or "") \
+            and clean == row:
+        assert clean is row  # nothing to change (every request): no copy
+
+
+def test_the_buffer_holds_rows_whatever_it_is_given() -> None:
+    """One sanitiser: a dict event (tests, backfills) becomes a row as it goes in, and is sanitised as one."""
+    buffer = UsageBuffer()
+    buffer.add(EVENT)
+    buffer.add({**EVENT, "model": "m" * 500, "input_tokens": 2**40})
+    plain, long = buffer.take()
+    assert plain == usage_row.row_of(EVENT)
+    assert long[usage_row.MODEL] == storable_text("m" * 500, 200) and long[usage_row.INPUT_TOKENS] == INT32_MAX
+    assert buffer.sanitised == 1
 
 
 def test_events_of_one_minute_group_into_the_same_rollup_rows() -> None:

@@ -44,24 +44,20 @@ def store_unreachable(exc: BaseException) -> bool:
     return False
 
 
-# Column bounds, read from the model so they cannot drift from the table.
-_TEXT_LIMITS: dict[str, int | None] = {
-    c.name: c.type.length for c in UsageEvent.__table__.columns if isinstance(c.type, String)
-}
-_TEXT_COLUMNS = tuple(_TEXT_LIMITS.items())
-_INT_COLUMNS = tuple(c.name for c in UsageEvent.__table__.columns
-                     if isinstance(c.type, Integer) and not c.primary_key)
+# Column bounds, read from the model so they cannot drift from the table, by a row's field positions
+# (keyplane.domain.usage_row).
+_ROW_TEXT = tuple((usage_row.FIELDS.index(c.name), c.type.length) for c in UsageEvent.__table__.columns
+                  if isinstance(c.type, String))
+_ROW_INTS = tuple(usage_row.FIELDS.index(c.name) for c in UsageEvent.__table__.columns
+                  if isinstance(c.type, Integer) and not c.primary_key)
 
-# The same bounds by a row's field positions (keyplane.domain.usage_row).
-_ROW_TEXT = tuple((usage_row.FIELDS.index(name), limit) for name, limit in _TEXT_COLUMNS)
-_ROW_INTS = tuple(usage_row.FIELDS.index(name) for name in _INT_COLUMNS)
-
-Event = usage_row.Row | dict[str, Any]
+Event = usage_row.Row
 Write = Callable[[list[Event]], Awaitable[None]]
 
 
 def storable_row(row: usage_row.Row) -> usage_row.Row:
-    """``storable_event`` for a row: the same tuple when nothing needed changing (nearly always)."""
+    """The row with every text and integer field made storable (see ``keyplane.domain.storable``): the
+    same tuple when nothing needed changing (the usual case, on every request), else a changed copy."""
     clean: list[Any] | None = None
     for i, limit in _ROW_TEXT:
         value = row[i]
@@ -81,35 +77,6 @@ def storable_row(row: usage_row.Row) -> usage_row.Row:
     return row if clean is None else tuple(clean)
 
 
-def storable_event(event: dict[str, Any]) -> dict[str, Any]:
-    """The event with every text and integer field made storable (see ``keyplane.domain.storable``): the
-    same object when nothing needed changing (the usual case, on every request), else a changed copy."""
-    clean = event
-    for name, limit in _TEXT_COLUMNS:
-        value = event.get(name)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            if value.isascii() and "\x00" not in value and (limit is None or len(value) <= limit):
-                continue  # already storable (nearly always): no call, no copy
-            fixed = storable_text(value, limit)
-            if fixed is not value:
-                if clean is event:
-                    clean = dict(event)
-                clean[name] = fixed
-    for name in _INT_COLUMNS:
-        value = event.get(name)
-        if isinstance(value, int) and not INT32_MIN <= value <= INT32_MAX:
-            if clean is event:
-                clean = dict(event)
-            clean[name] = storable_int(value)
-    return clean
-
-
-def storable(event: Event) -> Event:
-    return storable_row(event) if event.__class__ is tuple else storable_event(event)  # type: ignore[arg-type]
-
-
 class UsageBuffer:
     def __init__(self, max_events: int = 100_000) -> None:
         self.max_events = max_events
@@ -123,12 +90,16 @@ class UsageBuffer:
     def __len__(self) -> int:
         return len(self._events)
 
-    def add(self, event: Event) -> None:
+    def add(self, event: Event | dict[str, Any]) -> None:
+        """A row (``usage_row.FIELDS`` order), as the gateways record them; a dict event (tests, backfills: the
+        column names as keys) becomes one here (``usage_row.row_of``), so the buffer holds rows only."""
         if len(self._events) >= self.max_events:
             self.dropped += 1
             self._dropped_unreported += 1
             return
-        clean = storable(event)
+        if event.__class__ is not tuple:
+            event = usage_row.row_of(event)  # type: ignore[arg-type]
+        clean = storable_row(event)  # type: ignore[arg-type]
         if clean is not event:
             self.sanitised += 1
         self._events.append(clean)
@@ -175,7 +146,9 @@ class UsageBuffer:
         return await self._write(write, batch[:middle]) + await self._write(write, batch[middle:])
 
     async def _write_alone(self, write: Write, event: Event, exc: Exception) -> int:
-        clean = storable(event)
+        if event.__class__ is not tuple:  # a dict put in the queue past add()
+            event = usage_row.row_of(event)  # type: ignore[arg-type]
+        clean = storable_row(event)
         if clean is not event:
             try:
                 await write([clean])
@@ -187,7 +160,6 @@ class UsageBuffer:
                     return 0
                 exc = again
         self.quarantined += 1
-        fields = dict(zip(usage_row.FIELDS, event, strict=False)) if isinstance(event, tuple) else event
         log.error("usage event quarantined: the store refused it (%s); key %s, endpoint %s",
-                  type(exc).__name__, fields.get("key_id"), str(fields.get("endpoint"))[:100])
+                  type(exc).__name__, event[usage_row.KEY_ID], str(event[usage_row.ENDPOINT])[:100])
         return 0
