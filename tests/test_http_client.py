@@ -304,3 +304,32 @@ async def test_the_gateway_reaches_an_https_upstream_signed_by_a_ca_named_in_ssl
             assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
     assert counting.connections == 1 and b"\r\nauthorization: Bearer sk-tls-upstream-secret\r\n" in \
         counting.requests[0][0]
+
+
+async def test_a_read_timeout_holds_per_wait_on_a_reused_connection() -> None:
+    """The read timeout is one timer per connection (not one per wait): a timer armed for an earlier wait
+    never cuts a later one short, and a shorter timeout than the one it was armed for still fires on time."""
+    delays = [0.0, 0.6, 30.0]  # the answer to each request comes after this long (the last: never)
+    connections: list[int] = []
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        while await read_request(reader) is not None:
+            await asyncio.sleep(delays.pop(0))
+            writer.write(answer())
+            await writer.drain()
+
+    client = HttpClient()
+    async with server(slow) as url:
+        loop = asyncio.get_running_loop()
+        first = await client.request("POST", url, {}, b"x", read_timeout=1.0)
+        await first.read()  # the connection's timer stays armed a second after this wait began
+        await asyncio.sleep(0.5)
+        second = await client.request("POST", url, {}, b"x", read_timeout=1.0)  # answered 0.6 s later
+        assert await second.read() == JSON
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await client.request("POST", url, {}, b"x", read_timeout=0.2)  # the same connection, silent
+        assert loop.time() - started < 0.9
+    await client.close()
+    assert connections == [1]  # all three on one kept-alive connection
