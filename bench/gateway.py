@@ -72,13 +72,15 @@ def uvicorn_cmd(target: str, port: int) -> list[str]:
             "--loop", "uvloop", "--http", "httptools"]
 
 
-def keyplane_cmd(port: int) -> list[str]:
+def keyplane_cmd(port: int, tree: Path = ROOT) -> list[str]:
     """keyplane as ``keyplane serve`` runs it: its own httptools protocol (keyplane/http_protocol.py),
     uvicorn's own X-Forwarded-For rewriting and Server header off
     (keyplane resolves clients itself, KEYPLANE_TRUSTED_PROXIES). uvicorn's middleware was ~2% of a profile's
     samples; the difference in CPU per request was below this machine's noise (docs/performance.md)."""
     cmd = [*uvicorn_cmd("keyplane.asgi:app", port), "--no-proxy-headers", "--no-server-header"]
-    cmd[cmd.index("httptools")] = "keyplane.http_protocol:ShapedHttpToolsProtocol"  # keyplane serve's protocol
+    protocol = tree / "keyplane" / "http_protocol.py"
+    if protocol.exists() and "ShapedHttpToolsProtocol" in protocol.read_text():  # older trees: uvicorn's own
+        cmd[cmd.index("httptools")] = "keyplane.http_protocol:ShapedHttpToolsProtocol"  # keyplane serve's
     return cmd
 
 
@@ -217,7 +219,7 @@ def main() -> None:
         before = None
         if args.before:
             before_port = free_port()
-            before = Pinned("0", keyplane_cmd(before_port), env, work / "before.log",
+            before = Pinned("0", keyplane_cmd(before_port, args.before.resolve()), env, work / "before.log",
                             cwd=args.before.resolve())
         litellm = None
         if args.litellm:

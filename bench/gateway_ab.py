@@ -46,7 +46,7 @@ def main() -> None:
         servers: dict[str, tuple[Pinned, str]] = {}
         for name, tree in trees.items():
             port = free_port()
-            servers[name] = (Pinned("0", keyplane_cmd(port), env, work / f"{name}.log", cwd=tree),
+            servers[name] = (Pinned("0", keyplane_cmd(port, tree), env, work / f"{name}.log", cwd=tree),
                              f"http://127.0.0.1:{port}")
         try:
             upstream.wait(f"{upstream_url}/v1/chat/completions")

@@ -48,7 +48,7 @@ def main() -> None:
         upstream = Pinned("1", uvicorn_cmd("bench.fake_upstream:app", up_port), env, work / "up.log")
         out = work / "callgrind.out"
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",
-               sys.executable, *keyplane_cmd(kp_port)]
+               sys.executable, *keyplane_cmd(kp_port, args.tree.resolve())]
         keyplane = Pinned("0", cmd, env, work / "kp.log", cwd=args.tree.resolve())
         try:
             upstream.wait(f"{upstream_url}/v1/chat/completions")
