@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -195,6 +196,16 @@ def measure_messages(upstream_url: str, keyplane_url: str, key: str, work: Path,
     }
 
 
+def seed_in_tree(tree: Path, home: Path, upstream_url: str) -> str:
+    """Seed ``home`` with another source tree's own code (its bench.gateway.seed); its plain key."""
+    code = ("import asyncio, sys; from pathlib import Path; sys.path.insert(0, '.'); "
+            "from bench.gateway import seed; got = asyncio.run(seed(Path(sys.argv[1]), sys.argv[2])); "
+            "print(got if isinstance(got, str) else got[0])")
+    done = subprocess.run([sys.executable, "-c", code, str(home), upstream_url], cwd=tree, check=True,
+                          capture_output=True, text=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=8)
@@ -202,10 +213,15 @@ def main() -> None:
     parser.add_argument("--budget-only", action="store_true",
                         help="measure only a key without vs with a budget (writes bench/results/budget.json)")
     parser.add_argument("--before", type=Path, help="a keyplane source tree to measure beside this one, same run")
+    parser.add_argument("--before-own-home", action="store_true",
+                        help="the --before tree seeds and serves its own store with its own code (for trees whose "
+                             "schema is older than this one's, e.g. the tree issue 19 measured: f8f2763)")
     parser.add_argument("--core-only", action="store_true", help="skip the Messages API and budget measurements")
     parser.add_argument("--litellm", help="path to a `litellm` executable (pip install 'litellm[proxy]' in its own "
                                           "venv) to measure LiteLLM Proxy against the same upstream, same run")
     args = parser.parse_args()
+    if args.before_own_home and (args.budget_only or not args.before):
+        parser.error("--before-own-home needs --before and measures the core figures only (no budget key there)")
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,7 +235,11 @@ def main() -> None:
         before = None
         if args.before:
             before_port = free_port()
-            before = Pinned("0", keyplane_cmd(before_port, args.before.resolve()), env, work / "before.log",
+            before_env, before_key = env, key
+            if args.before_own_home:
+                before_key = seed_in_tree(args.before.resolve(), work / "before-home", upstream_url)
+                before_env = {**os.environ, "KEYPLANE_HOME": str(work / "before-home")}
+            before = Pinned("0", keyplane_cmd(before_port, args.before.resolve()), before_env, work / "before.log",
                             cwd=args.before.resolve())
         litellm = None
         if args.litellm:
@@ -257,7 +277,7 @@ def main() -> None:
             if before is not None:
                 before.wait(f"http://127.0.0.1:{before_port}/healthz")
                 targets["keyplane_before"] = f"http://127.0.0.1:{before_port}/v1/chat/completions"
-                headers["keyplane_before"] = headers["keyplane"]
+                headers["keyplane_before"] = {"Authorization": f"Bearer {before_key}"}
                 pids["keyplane_before"] = before.p.pid
             if litellm is not None:
                 litellm.wait(f"http://127.0.0.1:{ll_port}/health/liveliness")

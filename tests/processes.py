@@ -20,6 +20,8 @@ from typing import Any
 
 import uvicorn
 
+from keyplane.http_protocol import http_protocol
+
 KEYPLANE = shutil.which("keyplane", path=str(Path(sys.executable).parent)) or "keyplane"
 
 
@@ -135,10 +137,12 @@ class Server:
 
 @contextlib.asynccontextmanager
 async def serve(asgi_app: Any, port: int | None = None) -> AsyncIterator[str]:
-    """Serve an ASGI app over real HTTP on loopback, in this event loop."""
+    """Serve an ASGI app over real HTTP on loopback, in this event loop, with the HTTP protocol
+    ``keyplane serve`` runs (keyplane/http_protocol.py)."""
     port = port or free_port()
     config = uvicorn.Config(asgi_app, host="127.0.0.1", port=port, lifespan="off", log_config=None,
-                            access_log=False, timeout_graceful_shutdown=1)  # a test's hung request must not stall it
+                            http=http_protocol(), access_log=False,
+                            timeout_graceful_shutdown=1)  # a test's hung request must not stall it
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     for _ in range(500):  # uvicorn offers no event for "started"
