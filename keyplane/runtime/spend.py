@@ -129,7 +129,7 @@ class _Counters:
         self.minute, self.tokens = minute, 0
         self.day, self.day_usd = day, 0.0
         self.month, self.month_usd = month, 0.0
-        self.held_tokens, self.held_usd = 0.0, 0.0
+        self.held_tokens, self.held_usd = 0, 0.0  # tokens are whole: int arithmetic, no float mixing
         self.seeded = False
 
 
@@ -173,13 +173,11 @@ class SpendLedger:
             limit: float | None = limits.tokens_per_minute
             if limit is not None:
                 used = (c.tokens if c.minute == minute else 0) + c.held_tokens
-                room = limit - used - ptok
+                room = limit - used - ptok  # whole tokens: what fits is the room itself
                 if room < 0:
                     return _exhausted("tokens_per_minute", limit, used, now)
-                # floor(fits) < best exactly when fits < best (best is whole): floored only when it binds
-                fits = room + 1e-9
-                if fits < best:
-                    best, binding = int(fits), ("tokens_per_minute", limit, used)
+                if room < best:
+                    best, binding = int(room + 1e-9), ("tokens_per_minute", limit, used)
             limit = limits.cost_per_day_usd
             if limit is not None:
                 used = (c.day_usd if c.day == day else 0.0) + c.held_usd
@@ -204,6 +202,11 @@ class SpendLedger:
             return _exhausted(*binding, now)
         tokens = ptok + best
         usd = pusd + best * price
+        if len(limited) == 1:  # a key without limited parents: ``c`` is its bucket's counters
+            c.held_tokens += tokens
+            c.held_usd += usd
+            self._count += 1
+            return Grant(self._count, (bucket,), tokens, usd, best)
         names = []
         for bucket, _limits in limited:
             c = buckets[bucket]
@@ -220,7 +223,7 @@ class SpendLedger:
                 c.held_tokens -= grant.tokens
                 c.held_usd -= grant.usd
                 if c.held_tokens <= 0 and c.held_usd <= 1e-12:  # no float dust left behind
-                    c.held_tokens, c.held_usd = 0.0, 0.0
+                    c.held_tokens, c.held_usd = 0, 0.0
 
     def settled(self, bucket: str, now: float | None = None) -> tuple[float, float, float]:
         """(tokens this minute, USD today, USD this month) counted after answers."""
@@ -235,7 +238,7 @@ class SpendLedger:
     def reserved(self, bucket: str) -> tuple[float, float]:
         """(tokens, USD) held by reservations not yet settled."""
         c = self._buckets.get(bucket)
-        return (c.held_tokens, c.held_usd) if c is not None else (0.0, 0.0)
+        return (float(c.held_tokens), c.held_usd) if c is not None else (0.0, 0.0)
 
     def add(self, buckets: tuple[str, ...], tokens: int, cost_usd: float, now: float | None = None) -> None:
         if not tokens and not cost_usd:
@@ -279,11 +282,20 @@ class LocalSpend:
     async def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask,
                       family: str = "") -> Grant | Exhausted:
         """``family`` (the chain's root key) matters to Redis only: this process keys by bucket alone."""
-        needs_seed = self.ledger.needs_seed
+        found = self.reserve_now(limited, ask)
+        if found is None:
+            await self._seed(limited)
+            found = self.ledger.reserve(limited, ask)
+        return found
+
+    def reserve_now(self, limited: tuple[tuple[str, Limits], ...], ask: Ask) -> Grant | Exhausted | None:
+        """:meth:`reserve` without an ``await`` once every bucket of ``limited`` is seeded (every request but
+        a bucket's first in this process); None: not yet, :meth:`reserve` it."""
+        buckets = self.ledger._buckets
         for bucket, _limits in limited:
-            if needs_seed(bucket):
-                await self._seed(limited)
-                break
+            c = buckets.get(bucket)
+            if c is None or not c.seeded:
+                return None
         return self.ledger.reserve(limited, ask)
 
     async def settle(self, grant: Grant, buckets: tuple[str, ...], tokens: int, cost_usd: float) -> None:
