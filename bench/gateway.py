@@ -117,7 +117,9 @@ def paired(values: list[float], digits: int = 3) -> dict[str, Any]:
             "ci95": [round(boot[50], digits), round(boot[1949], digits)], "rounds": len(xs)}
 
 
-BUDGET_PHASES = (("single_c1", 1), ("moderate_c8", 8), ("high_c64", 64))
+# (label, connections, seconds per sample in units of --budget-seconds): at 64 connections a 1 s sample is
+# mostly wrk's connecting and the first requests' queue, and its ratio moved by ±10%: twice as long.
+BUDGET_PHASES = (("single_c1", 1, 1), ("moderate_c8", 8, 1), ("high_c64", 64, 2))
 
 
 def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgeted: str, work: Path,
@@ -126,8 +128,9 @@ def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgete
 
     ``urls``: keyplane (and keyplane_before with ``--before``) -> its chat URL; ``pids``: their processes,
     whose user + system CPU over the requests wrk completed is each sample's ``cpu_us_per_request``.
-    At 1, 8 and 64 connections, ``rounds`` short rounds of ``seconds`` per key; the order alternates from round
-    to round (A B, B A, A B …: every pair of samples is adjacent, and neither key always goes first). Each
+    At 1, 8 and 64 connections, ``rounds`` short rounds of ``seconds`` per key (twice that at 64); the order
+    alternates from round to round (A B, B A, A B …: every pair of samples is adjacent, and neither key always
+    goes first). Each
     round gives one paired difference (p50, CPU per request) or ratio (requests/s); the report is the median
     of those with their interquartile range and a bootstrap interval (:func:`paired`)."""
     import bench.hotpath as hp
@@ -138,7 +141,7 @@ def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgete
     targets = {prefix[server] + name: (url, keys[name], pids[server]) for server, url in urls.items() for name in keys}
     out: dict[str, Any] = {}
     samples: dict[str, dict[str, list[dict[str, float]]]] = {}
-    for label, connections in BUDGET_PHASES:
+    for label, connections, length in BUDGET_PHASES:
         hp.CONNECTIONS = connections
         samples[label] = {name: [] for name in targets}
         for url, headers, _pid in targets.values():
@@ -147,7 +150,7 @@ def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgete
             for name in (list(targets) if round_no % 2 == 0 else list(reversed(targets))):
                 url, headers, pid = targets[name]
                 cpu = cpu_seconds(pid)
-                sample = wrk(url, seconds, headers, script)
+                sample = wrk(url, seconds * length, headers, script)
                 sample["cpu_us_per_request"] = round((cpu_seconds(pid) - cpu) / max(sample["requests"], 1) * 1e6, 1)
                 assert sample["non_2xx"] == 0, (name, sample)
                 samples[label][name].append(sample)
@@ -171,6 +174,15 @@ def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgete
         }
     out["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     return out
+
+
+def print_budget(budget: dict[str, Any]) -> None:
+    """One line per paired figure (the whole report goes to bench/results/budget.json)."""
+    print(f"{budget['when']}  load average {' '.join(budget['loadavg'])}  {budget['rounds']} rounds")
+    for server in ("keyplane_before", "keyplane"):
+        for name, fig in budget.get(f"{server}_summary", {}).items():
+            print(f"{server:16s} {name:30s} median {fig['median']:>8}  IQR {fig['iqr'][0]} … {fig['iqr'][1]}"
+                  f"  95% bootstrap {fig['ci95'][0]} … {fig['ci95'][1]}")
 
 
 async def ttfb(url: str, headers: dict[str, str], n: int, body: dict[str, Any] = BODY) -> dict[str, float]:
@@ -224,7 +236,8 @@ def main() -> None:
                         help="measure only a key without vs with a budget (writes bench/results/budget.json)")
     parser.add_argument("--budget-rounds", type=int, default=12,
                         help="paired rounds per connection count in the budget measurement")
-    parser.add_argument("--budget-seconds", type=int, default=1, help="seconds of each budget sample")
+    parser.add_argument("--budget-seconds", type=int, default=1,
+                        help="seconds of each budget sample (twice that at 64 connections)")
     parser.add_argument("--before", type=Path, help="a keyplane source tree to measure beside this one, same run")
     parser.add_argument("--core-only", action="store_true", help="skip the Messages API and budget measurements")
     parser.add_argument("--litellm", help="path to a `litellm` executable (pip install 'litellm[proxy]' in its own "
@@ -269,7 +282,7 @@ def main() -> None:
                 budget = {"when": datetime.now(UTC).isoformat(timespec="seconds"),
                           "seconds": args.budget_seconds, "rounds": args.budget_rounds,
                           **measure_budget(urls, pids, key, budgeted, work, args.budget_rounds, args.budget_seconds)}
-                print(json.dumps(budget, indent=2))
+                print_budget(budget)
                 (ROOT / "bench" / "results").mkdir(exist_ok=True)
                 (ROOT / "bench" / "results" / "budget.json").write_text(json.dumps(budget, indent=2))
                 return
