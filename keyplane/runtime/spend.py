@@ -158,10 +158,11 @@ class SpendLedger:
         c.month_usd = (c.month_usd if c.month == month else 0.0) + month_usd
         c.day, c.month, c.seeded = day, month, True
 
-    def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask,
-                now: float | None = None) -> Grant | Exhausted:
+    def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask, now: float | None = None,
+                seeded_only: bool = False) -> Grant | Exhausted | None:
         """All or nothing over every limited window of ``limited``: what the tightest window still pays for
-        (the rule of :func:`afford`, written out: this runs on every budgeted request)."""
+        (the rule of :func:`afford`, written out: this runs on every budgeted request). ``seeded_only``:
+        None, with nothing changed, when a bucket is not seeded yet (LocalSpend.reserve_now)."""
         now = time.time() if now is None else now
         minute, day, month = windows(now)
         ptok, pusd, price = ask.prompt_tokens, ask.prompt_usd, ask.output_usd_per_token
@@ -169,7 +170,11 @@ class SpendLedger:
         binding: tuple[str, float, float] | None = None
         buckets = self._buckets
         for bucket, limits in limited:
-            c = buckets.get(bucket) or self._counters(bucket, now)
+            c = buckets.get(bucket)
+            if c is None or not c.seeded:
+                if seeded_only:
+                    return None
+                c = c or self._counters(bucket, now)
             limit: float | None = limits.tokens_per_minute
             if limit is not None:
                 used = (c.tokens if c.minute == minute else 0) + c.held_tokens
@@ -282,21 +287,16 @@ class LocalSpend:
     async def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask,
                       family: str = "") -> Grant | Exhausted:
         """``family`` (the chain's root key) matters to Redis only: this process keys by bucket alone."""
-        found = self.reserve_now(limited, ask)
+        found = self.ledger.reserve(limited, ask, seeded_only=True)
         if found is None:
             await self._seed(limited)
             found = self.ledger.reserve(limited, ask)
-        return found
+        return found  # type: ignore[return-value]  # None only with seeded_only
 
     def reserve_now(self, limited: tuple[tuple[str, Limits], ...], ask: Ask) -> Grant | Exhausted | None:
         """:meth:`reserve` without an ``await`` once every bucket of ``limited`` is seeded (every request but
         a bucket's first in this process); None: not yet, :meth:`reserve` it."""
-        buckets = self.ledger._buckets
-        for bucket, _limits in limited:
-            c = buckets.get(bucket)
-            if c is None or not c.seeded:
-                return None
-        return self.ledger.reserve(limited, ask)
+        return self.ledger.reserve(limited, ask, None, True)
 
     async def settle(self, grant: Grant, buckets: tuple[str, ...], tokens: int, cost_usd: float) -> None:
         """Drop the reservation and count what the answer cost (nothing: a release). Idempotent."""
