@@ -1,8 +1,9 @@
 """Instructions per request with and without a budget: keyplane's ASGI app called in process, counted by callgrind.
 
-    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=/tmp/kp.cg.%p \\
-        .venv/bin/python bench/budget_instructions.py --requests 400
-    python bench/budget_instructions.py --requests 400      # without valgrind: CPU µs per request instead
+    PYTHONHASHSEED=0 KEYPLANE_ACCESS_LOG=false valgrind --tool=callgrind --instr-atstart=no \\
+        --callgrind-out-file=/tmp/kpcg/after.%p .venv/bin/python bench/budget_instructions.py --rounds 4
+    python bench/budget_instructions.py --sum /tmp/kpcg/after. 1600   # instructions per request, each key
+    python bench/budget_instructions.py --rounds 4      # without valgrind: CPU µs per request instead
 
 A load-independent figure for the budget's cost (issue 17): the same chat request through the whole app
 (authentication, limits, routing, reserve, forward to bench/fake_upstream.py in another process, settle,
