@@ -175,9 +175,7 @@ class Upstream:
         outcome.route = route
         changed = False
         if admission.key.spend_limits and api.metered:
-            clamped = await self.reserve(admission, api, request, body, route, outcome)
-            if clamped is not None:
-                body = clamped
+            changed = await self.reserve(admission, api, request, len(body), route, outcome)
         stream = request.get("stream") is True and api.streams
         if stream and api.ask_stream_usage:
             options = request.get("stream_options")
@@ -213,13 +211,12 @@ class Upstream:
         headers = _upstream_headers(APIS["/v1/responses"], route, scope, False)
         await self._relay("GET", url, None, headers, route, admission, receive, send, outcome, None, False, None)
 
-    async def reserve(self, admission: Admission, api: Api, request: dict[str, Any], body: bytes, route: Route,
-                      outcome: Outcome) -> bytes | None:
+    async def reserve(self, admission: Admission, api: Api, request: dict[str, Any], body_len: int, route: Route,
+                      outcome: Outcome) -> bool:
         """Reserve the request's worst case in every spend window of the key and its parents, or refuse it;
-        lower its output bound to what the budget covers (gateway/budget.py). Returns the body to forward when
-        the request changed (``request`` holds the change too), else None."""
+        lower its output bound to what the budget covers (gateway/budget.py). True: the request changed."""
         settings = self.kp.settings
-        ask, named = budget.ask_for(api, request, len(body), route, admission.key, settings.prompt_bytes_per_token,
+        ask, named = budget.ask_for(api, request, body_len, route, admission.key, settings.prompt_bytes_per_token,
                                     settings.output_allowance_tokens)
         if not named and not ask.clamp:
             raise budget.unbounded(api)
@@ -230,11 +227,11 @@ class Upstream:
             raise spend_refusal(granted)
         outcome.grant = granted
         if not api.output_fields or (named and granted.output_tokens >= ask.output_tokens):
-            return None
+            return False
         bound = request[budget.apply_allowance(api, request, granted.output_tokens)]
         # a fresh list per request (enforce.Admission): appended to in place
         admission.headers.append((budget.CLAMPED_HEADER, b"%d" % bound))
-        return orjson.dumps(request)  # ~0.1 µs here, ~13 µs for a 125 kB conversation: not worth splicing
+        return True
 
     async def settle(self, admission: Admission, outcome: Outcome) -> None:
         """Count what an answer cost before its last byte goes out: a client that sends its next request
