@@ -2,8 +2,8 @@
 
     python bench/gateway.py                 # ~3 minutes
     python bench/gateway.py --seconds 5
-    python bench/gateway.py --budget-only   # a key without vs with a budget, same run (~1 minute)
-    python bench/gateway.py --budget-only --before /tmp/old   # … in this tree and in another, same run
+    python bench/gateway.py --budget-only   # a key without vs with a budget, paired rounds (~1.5 minutes)
+    python bench/gateway.py --budget-only --before /tmp/old   # … in this tree and in another, same run (~3)
     python bench/gateway.py --before /tmp/old --core-only   # + keyplane from another source tree, same run
 
 Reports added p50/p99 latency at 1 and 8 connections, throughput at high load (64 connections) with the CPU
@@ -17,7 +17,9 @@ Reports added p50/p99 latency at moderate load (8 connections), throughput at hi
 and for the Anthropic Messages API (`/v1/messages`, key in `x-api-key` as Claude Code's SDK sends
 it) throughput at 64 connections and streaming time to first byte; and the cost of a budget (issue 17:
 reserve before forwarding, settle after): the same keyplane, a key without and a key with token, daily
-and monthly limits (never reached), at 8 and 64 connections. keyplane (uvicorn,
+and monthly limits (never reached), at 1, 8 and 64 connections in short paired rounds whose order
+alternates, reported as the median per-round difference (ratio at 64) with its interquartile range and a
+bootstrap 95% interval (``--budget-rounds``, ``--budget-seconds``). keyplane (uvicorn,
 one worker) is pinned to core 0; the upstream and wrk share core 1 in both measurements.
 Needs `wrk` (Debian: apt-get install wrk).
 """
@@ -108,11 +110,35 @@ async def seed(home: Path, upstream_url: str) -> tuple[str, str]:
     return key, budgeted
 
 
+def paired(values: list[float], digits: int = 3) -> dict[str, Any]:
+    """The median of per-round paired values (differences or ratios), their interquartile range, and a 95%
+    bootstrap interval of that median (2,000 resamples, fixed seed): one noisy round does not decide."""
+    import random
+
+    xs = sorted(values)
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    rng = random.Random(17)
+    boot = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(2000))
+    return {"median": round(statistics.median(xs), digits), "iqr": [round(q[0], digits), round(q[2], digits)],
+            "ci95": [round(boot[50], digits), round(boot[1949], digits)], "rounds": len(xs)}
+
+
+# (label, connections, seconds per sample in units of --budget-seconds): at 64 connections a 1 s sample is
+# mostly wrk's connecting and the first requests' queue, and its ratio moved by ±10%: twice as long.
+BUDGET_PHASES = (("single_c1", 1, 1), ("moderate_c8", 8, 1), ("high_c64", 64, 2))
+
+
 def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgeted: str, work: Path,
-                   args: argparse.Namespace) -> dict[str, Any]:
-    """The same route and keyplane, a key without and one with a budget, alternating rounds (same run).
+                   rounds: int, seconds: int) -> dict[str, Any]:
+    """The same route and keyplane, a key without and one with a budget, paired (same run).
+
     ``urls``: keyplane (and keyplane_before with ``--before``) -> its chat URL; ``pids``: their processes,
-    whose user + system CPU over the requests wrk completed is each sample's ``cpu_us_per_request``."""
+    whose user + system CPU over the requests wrk completed is each sample's ``cpu_us_per_request``.
+    At 1, 8 and 64 connections, ``rounds`` short rounds of ``seconds`` per key (twice that at 64); the order
+    alternates from round to round (A B, B A, A B …: every pair of samples is adjacent, and neither key always
+    goes first). Each
+    round gives one paired difference (p50, CPU per request) or ratio (requests/s); the report is the median
+    of those with their interquartile range and a bootstrap interval (:func:`paired`)."""
     import bench.hotpath as hp
 
     script = lua_post(work / "chat.lua", BODY)
@@ -120,37 +146,49 @@ def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgete
     prefix = {"keyplane": "", "keyplane_before": "before_"}
     targets = {prefix[server] + name: (url, keys[name], pids[server]) for server, url in urls.items() for name in keys}
     out: dict[str, Any] = {}
-    for label, connections in (("moderate_c8", 8), ("high_c64", 64)):
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for label, connections, length in BUDGET_PHASES:
         hp.CONNECTIONS = connections
-        samples: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        samples[label] = {name: [] for name in targets}
         for url, headers, _pid in targets.values():
-            wrk(url, 2, headers, script)
-        for round_no in range(args.rounds):
-            # Alternate the order: on a loaded machine the order alone shows up in the figures.
+            wrk(url, 1, headers, script)
+        for round_no in range(rounds):
             for name in (list(targets) if round_no % 2 == 0 else list(reversed(targets))):
                 url, headers, pid = targets[name]
                 cpu = cpu_seconds(pid)
-                sample = wrk(url, args.seconds, headers, script)
+                sample = wrk(url, seconds * length, headers, script)
                 sample["cpu_us_per_request"] = round((cpu_seconds(pid) - cpu) / max(sample["requests"], 1) * 1e6, 1)
                 assert sample["non_2xx"] == 0, (name, sample)
-                samples[name].append(sample)
+                samples[label][name].append(sample)
         out[label] = {name: {m: statistics.median(s[m] for s in xs) for m in ("rps", "p50_ms", "p99_ms",
                                                                               "cpu_us_per_request")}
-                      for name, xs in samples.items()}
-    m, h = out["moderate_c8"], out["high_c64"]
+                      for name, xs in samples[label].items()}
     for server in urls:
         no, yes = prefix[server] + "no_budget", prefix[server] + "budget"
+
+        def diffs(label: str, metric: str, no: str = no, yes: str = yes) -> list[float]:
+            return [b[metric] - a[metric] for a, b in zip(samples[label][no], samples[label][yes], strict=True)]
+
+        c64 = samples["high_c64"]
         out[f"{server}_summary"] = {
-            "added_p50_ms_moderate": round(m[yes]["p50_ms"] - m[no]["p50_ms"], 3),
-            "throughput_ratio_high": round(h[yes]["rps"] / h[no]["rps"], 3),
-            "added_cpu_us_per_request_high": round(h[yes]["cpu_us_per_request"] - h[no]["cpu_us_per_request"], 1),
-            "added_cpu_us_per_request_moderate": round(m[yes]["cpu_us_per_request"]
-                                                       - m[no]["cpu_us_per_request"], 1),
+            "added_p50_ms_c1": paired(diffs("single_c1", "p50_ms")),
+            "added_p50_ms_c8": paired(diffs("moderate_c8", "p50_ms")),
+            "throughput_ratio_c64": paired([b["rps"] / a["rps"] for a, b in zip(c64[no], c64[yes], strict=True)]),
+            "added_cpu_us_per_request_c1": paired(diffs("single_c1", "cpu_us_per_request"), 1),
+            "added_cpu_us_per_request_c8": paired(diffs("moderate_c8", "cpu_us_per_request"), 1),
+            "added_cpu_us_per_request_c64": paired(diffs("high_c64", "cpu_us_per_request"), 1),
         }
-    out["added_p50_ms_moderate"] = out["keyplane_summary"]["added_p50_ms_moderate"]
-    out["throughput_ratio_high"] = out["keyplane_summary"]["throughput_ratio_high"]
     out["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     return out
+
+
+def print_budget(budget: dict[str, Any]) -> None:
+    """One line per paired figure (the whole report goes to bench/results/budget.json)."""
+    print(f"{budget['when']}  load average {' '.join(budget['loadavg'])}  {budget['rounds']} rounds")
+    for server in ("keyplane_before", "keyplane"):
+        for name, fig in budget.get(f"{server}_summary", {}).items():
+            print(f"{server:16s} {name:30s} median {fig['median']:>8}  IQR {fig['iqr'][0]} … {fig['iqr'][1]}"
+                  f"  95% bootstrap {fig['ci95'][0]} … {fig['ci95'][1]}")
 
 
 async def ttfb(url: str, headers: dict[str, str], n: int, body: dict[str, Any] = BODY) -> dict[str, float]:
@@ -212,6 +250,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget-only", action="store_true",
                         help="measure only a key without vs with a budget (writes bench/results/budget.json)")
+    parser.add_argument("--budget-rounds", type=int, default=12,
+                        help="paired rounds per connection count in the budget measurement")
+    parser.add_argument("--budget-seconds", type=int, default=1,
+                        help="seconds of each budget sample (twice that at 64 connections)")
     parser.add_argument("--before", type=Path, help="a keyplane source tree to measure beside this one, same run")
     parser.add_argument("--before-own-home", action="store_true",
                         help="the --before tree seeds and serves its own store with its own code (for trees whose "
@@ -262,9 +304,10 @@ def main() -> None:
                     before.wait(f"http://127.0.0.1:{before_port}/healthz")
                     urls["keyplane_before"] = f"http://127.0.0.1:{before_port}/v1/chat/completions"
                     pids["keyplane_before"] = before.p.pid
-                budget = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "seconds": args.seconds,
-                          "rounds": args.rounds, **measure_budget(urls, pids, key, budgeted, work, args)}
-                print(json.dumps(budget, indent=2))
+                budget = {"when": datetime.now(UTC).isoformat(timespec="seconds"),
+                          "seconds": args.budget_seconds, "rounds": args.budget_rounds,
+                          **measure_budget(urls, pids, key, budgeted, work, args.budget_rounds, args.budget_seconds)}
+                print_budget(budget)
                 (ROOT / "bench" / "results").mkdir(exist_ok=True)
                 (ROOT / "bench" / "results" / "budget.json").write_text(json.dumps(budget, indent=2))
                 return
@@ -309,7 +352,7 @@ def main() -> None:
                 return report_core(report)
             report["messages"] = measure_messages(upstream_url, f"http://127.0.0.1:{kp_port}", key, work, args)
             report["budget"] = measure_budget({"keyplane": targets["keyplane"]}, {"keyplane": keyplane.p.pid}, key,
-                                              budgeted, work, args)
+                                              budgeted, work, args.budget_rounds, args.budget_seconds)
         finally:
             keyplane.stop()
             upstream.stop()

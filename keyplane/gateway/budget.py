@@ -36,10 +36,6 @@ CLAMPED_HEADER = b"x-keyplane-max-tokens-clamped"
 _REASONING_MODEL = re.compile(r"(o[1-9]\d*|gpt-5)([-.:_].*)?", re.IGNORECASE)
 
 
-def _positive_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
 def ask_for(api: Api, request: dict[str, Any], body_len: int, route: Route, key: KeySnapshot,
             bytes_per_token: float, default_allowance: int) -> tuple[Ask, bool]:
     """The request's worst case, and whether it named its own output bound."""
@@ -51,16 +47,20 @@ def ask_for(api: Api, request: dict[str, Any], body_len: int, route: Route, key:
         if not limits.clamp_output:
             clamp = False
             break
-    if not api.output_fields:
+    fields = api.output_fields
+    if not fields:
         return Ask(prompt_tokens, prompt_tokens * prompt_price, 0, 0.0, clamp), True
-    named = 0  # the smallest bound the request names
-    for name in api.output_fields:
+    named = 0  # the smallest bound the request names (a positive int; type() is, not isinstance:
+    # True is an int to isinstance, and a bound of True is no bound)
+    for name in fields:
         value = request.get(name)
-        if value is not None and _positive_int(value) and (not named or value < named):
+        if type(value) is int and value > 0 and (not named or value < named):
             named = value
-    choices = _positive_int(request.get("n")) or 1
-    wanted = (named or default_allowance) * choices
-    return Ask(prompt_tokens, prompt_tokens * prompt_price, wanted, route.output_per_mtok / 1e6, clamp), bool(named)
+    choices = request.get("n", 1)
+    if type(choices) is not int or choices < 1:  # n: a positive int, else one choice
+        choices = 1
+    return (Ask(prompt_tokens, prompt_tokens * prompt_price, (named or default_allowance) * choices,
+                route.output_per_mtok / 1e6, clamp), named > 0)
 
 
 def unbounded(api: Api) -> KeyplaneError:
@@ -82,19 +82,22 @@ def _is_reasoning_name(model: str) -> bool:
 
 def bound_field(api: Api, request: dict[str, Any]) -> str:
     """The field that bounds this request's output when it names none (see the module's docstring)."""
-    if "max_completion_tokens" in api.output_fields and is_reasoning_model(request.get("model")):
-        return "max_completion_tokens"
+    if "max_completion_tokens" in api.output_fields:
+        model = request.get("model")  # is_reasoning_model, one call fewer
+        if isinstance(model, str) and _is_reasoning_name(model):
+            return "max_completion_tokens"
     return api.output_fields[0]
 
 
 def apply_allowance(api: Api, request: dict[str, Any], granted: int) -> str:
     """Write the granted output bound (``granted`` is for all choices together) into the request: every bound
     field it named is lowered; when it named none, :func:`bound_field` is set. Returns a field now set."""
-    per_choice = granted // (_positive_int(request.get("n")) or 1) or 1
+    choices = request.get("n", 1)
+    per_choice = (granted if type(choices) is not int or choices <= 1 else granted // choices) or 1
     first = None
     for field in api.output_fields:
         value = request.get(field)
-        if value is not None and _positive_int(value):
+        if type(value) is int and value > 0:
             if per_choice < value:
                 request[field] = per_choice
             first = first or field

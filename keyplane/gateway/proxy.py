@@ -220,14 +220,17 @@ class Upstream:
                                     settings.output_allowance_tokens)
         if not named and not ask.clamp:
             raise budget.unbounded(api)
-        granted = await self.kp.reserve_spend(admission.key, ask)
+        granted = self.kp.reserve_spend_now(admission.key, ask)
+        if granted is None:
+            granted = await self.kp.reserve_spend(admission.key, ask)
         if isinstance(granted, Exhausted):
             raise spend_refusal(granted)
         outcome.grant = granted
         if not api.output_fields or (named and granted.output_tokens >= ask.output_tokens):
             return False
         bound = request[budget.apply_allowance(api, request, granted.output_tokens)]
-        admission.headers = [*admission.headers, (budget.CLAMPED_HEADER, str(bound).encode())]
+        # a fresh list per request (enforce.Admission): appended to in place
+        admission.headers.append((budget.CLAMPED_HEADER, b"%d" % bound))
         return True
 
     async def settle(self, admission: Admission, outcome: Outcome) -> None:

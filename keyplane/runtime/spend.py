@@ -129,7 +129,7 @@ class _Counters:
         self.minute, self.tokens = minute, 0
         self.day, self.day_usd = day, 0.0
         self.month, self.month_usd = month, 0.0
-        self.held_tokens, self.held_usd = 0.0, 0.0
+        self.held_tokens, self.held_usd = 0, 0.0  # tokens are whole: int arithmetic, no float mixing
         self.seeded = False
 
 
@@ -158,10 +158,11 @@ class SpendLedger:
         c.month_usd = (c.month_usd if c.month == month else 0.0) + month_usd
         c.day, c.month, c.seeded = day, month, True
 
-    def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask,
-                now: float | None = None) -> Grant | Exhausted:
+    def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask, now: float | None = None,
+                seeded_only: bool = False) -> Grant | Exhausted | None:
         """All or nothing over every limited window of ``limited``: what the tightest window still pays for
-        (the rule of :func:`afford`, written out: this runs on every budgeted request)."""
+        (the rule of :func:`afford`, written out: this runs on every budgeted request). ``seeded_only``:
+        None, with nothing changed, when a bucket is not seeded yet (LocalSpend.reserve_now)."""
         now = time.time() if now is None else now
         minute, day, month = windows(now)
         ptok, pusd, price = ask.prompt_tokens, ask.prompt_usd, ask.output_usd_per_token
@@ -169,17 +170,19 @@ class SpendLedger:
         binding: tuple[str, float, float] | None = None
         buckets = self._buckets
         for bucket, limits in limited:
-            c = buckets.get(bucket) or self._counters(bucket, now)
+            c = buckets.get(bucket)
+            if c is None or not c.seeded:
+                if seeded_only:
+                    return None
+                c = c or self._counters(bucket, now)
             limit: float | None = limits.tokens_per_minute
             if limit is not None:
                 used = (c.tokens if c.minute == minute else 0) + c.held_tokens
-                room = limit - used - ptok
+                room = limit - used - ptok  # whole tokens: what fits is the room itself
                 if room < 0:
                     return _exhausted("tokens_per_minute", limit, used, now)
-                # floor(fits) < best exactly when fits < best (best is whole): floored only when it binds
-                fits = room + 1e-9
-                if fits < best:
-                    best, binding = int(fits), ("tokens_per_minute", limit, used)
+                if room < best:
+                    best, binding = int(room + 1e-9), ("tokens_per_minute", limit, used)
             limit = limits.cost_per_day_usd
             if limit is not None:
                 used = (c.day_usd if c.day == day else 0.0) + c.held_usd
@@ -204,6 +207,11 @@ class SpendLedger:
             return _exhausted(*binding, now)
         tokens = ptok + best
         usd = pusd + best * price
+        if len(limited) == 1:  # a key without limited parents: ``c`` is its bucket's counters
+            c.held_tokens += tokens
+            c.held_usd += usd
+            self._count += 1
+            return Grant(self._count, (bucket,), tokens, usd, best)
         names = []
         for bucket, _limits in limited:
             c = buckets[bucket]
@@ -220,7 +228,7 @@ class SpendLedger:
                 c.held_tokens -= grant.tokens
                 c.held_usd -= grant.usd
                 if c.held_tokens <= 0 and c.held_usd <= 1e-12:  # no float dust left behind
-                    c.held_tokens, c.held_usd = 0.0, 0.0
+                    c.held_tokens, c.held_usd = 0, 0.0
 
     def settled(self, bucket: str, now: float | None = None) -> tuple[float, float, float]:
         """(tokens this minute, USD today, USD this month) counted after answers."""
@@ -235,7 +243,7 @@ class SpendLedger:
     def reserved(self, bucket: str) -> tuple[float, float]:
         """(tokens, USD) held by reservations not yet settled."""
         c = self._buckets.get(bucket)
-        return (c.held_tokens, c.held_usd) if c is not None else (0.0, 0.0)
+        return (float(c.held_tokens), c.held_usd) if c is not None else (0.0, 0.0)
 
     def add(self, buckets: tuple[str, ...], tokens: int, cost_usd: float, now: float | None = None) -> None:
         if not tokens and not cost_usd:
@@ -279,12 +287,16 @@ class LocalSpend:
     async def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask,
                       family: str = "") -> Grant | Exhausted:
         """``family`` (the chain's root key) matters to Redis only: this process keys by bucket alone."""
-        needs_seed = self.ledger.needs_seed
-        for bucket, _limits in limited:
-            if needs_seed(bucket):
-                await self._seed(limited)
-                break
-        return self.ledger.reserve(limited, ask)
+        found = self.ledger.reserve(limited, ask, seeded_only=True)
+        if found is None:
+            await self._seed(limited)
+            found = self.ledger.reserve(limited, ask)
+        return found  # type: ignore[return-value]  # None only with seeded_only
+
+    def reserve_now(self, limited: tuple[tuple[str, Limits], ...], ask: Ask) -> Grant | Exhausted | None:
+        """:meth:`reserve` without an ``await`` once every bucket of ``limited`` is seeded (every request but
+        a bucket's first in this process); None: not yet, :meth:`reserve` it."""
+        return self.ledger.reserve(limited, ask, None, True)
 
     async def settle(self, grant: Grant, buckets: tuple[str, ...], tokens: int, cost_usd: float) -> None:
         """Drop the reservation and count what the answer cost (nothing: a release). Idempotent."""

@@ -155,6 +155,10 @@ class SharedSpend:
         self.unsettled: deque[tuple[float, list[str], list[str | int | float]]] = deque(maxlen=100_000)
         self._done_mark_seconds = math.ceil(reservation_seconds) + 3600
 
+    def reserve_now(self, limited: tuple[tuple[str, Limits], ...], ask: Ask) -> None:
+        """Never without an ``await`` here: the windows are in Redis (:meth:`reserve`)."""
+        return None
+
     async def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask, family: str) -> Grant | Exhausted:
         """One script over every limited window of the key and its ancestors (RESERVE_SCRIPT); ``family``
         is the root key of the chain: every name the script touches is in its hash slot."""
