@@ -148,6 +148,7 @@ class HotPath:
             await self.spend.settle(grant, key.spend_buckets, tokens, cost_usd)
         elif tokens or cost_usd:
             await self.spend.add(key.spend_buckets, tokens, cost_usd)
+
     def record_use(self, key: KeySnapshot) -> None:
         self.tracker.touch(key.id, time.time())
 
