@@ -24,7 +24,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from keyplane.domain.errors import invalid_request
 
 if TYPE_CHECKING:
-    from uvicorn._types import ASGISendEvent
+    from uvicorn._types import ASGI3Application, ASGISendEvent
 
 
 def malformed_request_body(reason: str) -> bytes:
@@ -62,9 +62,47 @@ if HttpToolsProtocol is not None:
         status line and headers written together with its first body message, one ``transport.write`` (one
         system call, one TCP segment for a small answer) instead of two. Chunked answers (streams) still have
         their headers written at once. Everything else (the checks, errors, HEAD, flow control) is uvicorn's
-        ``send`` as of 0.54."""
+        ``send`` as of 0.54; an answer abandoned before its body still has its head written before the
+        connection closes (``_abandon``), the bytes uvicorn sends."""
 
         head: bytes | None = None  # a Content-Length answer's status line and headers, not yet written
+
+        def _write_head(self) -> None:
+            if self.head is not None:
+                self.transport.write(self.head)
+                self.head = None
+
+        def _abandon(self) -> None:
+            """Close the connection on an answer the app began and will not finish, as uvicorn does, but
+            with its head written first (uvicorn wrote it at ``http.response.start``): a client that got
+            not one byte takes the closed connection for an idle one the server dropped, and may send the
+            request again, a POST too (keyplane's own upstream client does)."""
+            if not self.disconnected and not self.transport.is_closing():  # uvloop refuses a write once closed
+                self._write_head()
+            self.transport.close()
+
+        async def run_asgi(self, app: ASGI3Application) -> None:
+            """uvicorn's (0.54), closing through ``_abandon``."""
+            try:
+                result = await app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
+            except BaseException as exc:
+                self.logger.error("Exception in ASGI application\n", exc_info=exc)
+                if not self.response_started:
+                    await self.send_500_response()
+                else:
+                    self._abandon()
+            else:
+                if result is not None:
+                    self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+                    self._abandon()
+                elif not self.response_started and not self.disconnected:
+                    self.logger.error("ASGI callable returned without starting response.")
+                    await self.send_500_response()
+                elif not self.response_complete and not self.disconnected:
+                    self.logger.error("ASGI callable returned without completing response.")
+                    self._abandon()
+            finally:
+                self.on_response = lambda: None
 
         async def send(self, message: ASGISendEvent) -> None:
             if self.flow.write_paused and not self.disconnected:
@@ -136,6 +174,8 @@ if HttpToolsProtocol is not None:
                 else:
                     num_bytes = len(body)
                     if num_bytes > self.expected_content_length:
+                        if head is not None:
+                            self.transport.write(head)  # uvicorn had written it at http.response.start
                         raise RuntimeError("Response content longer than Content-Length")
                     self.expected_content_length -= num_bytes
                     if head is None:

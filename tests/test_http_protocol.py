@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
@@ -156,3 +157,60 @@ async def test_an_idle_connection_closes_once_the_keep_alive_timeout_has_passed_
     assert 0.95 <= idle < 2.0, idle  # a second idle after the last answer, not after the first
     protocol.connection_lost(None)
     assert protocol.timeout_keep_alive_task is None
+
+
+async def test_an_app_failing_after_starting_a_content_length_answer_still_sends_its_head_then_closes() -> None:
+    """uvicorn writes the status line and headers at ``http.response.start``; keyplane holds them for the
+    body. When no body comes (the app raises, returns, or sends more than its Content-Length), they must
+    still leave before the connection closes: a client that got not one byte on a reused connection takes
+    it for one the server closed while idle, and may send the request again (keyplane's own upstream client
+    does, POSTs included): an answer the app began must not look like a request never processed."""
+
+    async def raises(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"11")]})
+        raise RuntimeError("the upstream failed")
+
+    async def returns(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"11")]})
+
+    async def too_long(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b'{"ok":true}'})
+
+    for app in (raises, returns, too_long):
+        protocol, transport, _ = connect(app)
+        protocol.data_received(REQUEST)
+        async with asyncio.timeout(5):
+            await transport.closing.wait()
+        written = b"".join(transport.writes)
+        assert written.startswith(b"HTTP/1.1 200 OK\r\n") and written.endswith(b"\r\n\r\n"), (app.__name__, written)
+        assert protocol.server_state.total_requests == 0  # the answer never completed
+
+
+async def test_a_post_whose_app_fails_after_starting_its_answer_is_not_sent_twice_by_the_gateway_client() -> None:
+    from keyplane.gateway.http_client import ConnectionLost, HttpClient
+    from tests.processes import serve
+
+    posts = 0
+
+    async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal posts
+        if scope["method"] == "POST":
+            await receive()
+            posts += 1  # the upstream did the work (and charged for it), then failed mid-answer
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"11")]})
+            raise RuntimeError("failed after starting the answer")
+        await plain(scope, receive, send)
+
+    client = HttpClient()
+    async with serve(upstream) as url:
+        first = await client.request("GET", f"{url}/warm", read_timeout=5)  # the POST reuses this connection
+        assert await first.read() == b'{"ok":true}'
+        with pytest.raises(ConnectionLost):  # the answer was cut: the request fails, once
+            answer = await client.request("POST", f"{url}/v1/chat/completions", body=b"{}", read_timeout=5)
+            await answer.read()
+    await client.close()
+    assert posts == 1
