@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import h11
 import orjson
+import uvicorn
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
@@ -198,17 +199,9 @@ if HttpToolsProtocol is not None:
                 raise RuntimeError(f"Unexpected ASGI message '{message['type']}' sent, after response already "
                                    "completed.")
 
-    class ShapedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[no-redef]
-        """uvicorn's httptools protocol, with keyplane's error shape for malformed HTTP and two cuts in what
-        every request costs, neither changing what goes on the wire:
-
-        - a Content-Length answer is written in one write with its headers (``_Cycle``);
-        - the keep-alive timeout is one timer per idle period, not one ``call_later`` and ``cancel`` per
-          request: a finished answer notes the time; the timer, when it fires, closes the connection if it
-          has been idle ``timeout_keep_alive`` seconds since, else waits for the rest of that time.
-        """
-
-        idle_since: float | None = None  # when the last answer finished, None while a request is in
+    class ShapedOnlyHttpToolsProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol, with keyplane's error shape for malformed HTTP: what runs on a uvicorn
+        other than the one the lean protocol below was written against."""
 
         def send_400_response(self, msg: str) -> None:
             body = malformed_request_body(msg)
@@ -220,6 +213,18 @@ if HttpToolsProtocol is not None:
                             b"connection: close\r\n", b"\r\n", body])
             self.transport.write(b"".join(content))
             self.transport.close()
+
+    class ShapedHttpToolsProtocol(ShapedOnlyHttpToolsProtocol):
+        """uvicorn's httptools protocol, with keyplane's error shape for malformed HTTP and two cuts in what
+        every request costs, neither changing what goes on the wire:
+
+        - a Content-Length answer is written in one write with its headers (``_Cycle``);
+        - the keep-alive timeout is one timer per idle period, not one ``call_later`` and ``cancel`` per
+          request: a finished answer notes the time; the timer, when it fires, closes the connection if it
+          has been idle ``timeout_keep_alive`` seconds since, else waits for the rest of that time.
+        """
+
+        idle_since: float | None = None  # when the last answer finished, None while a request is in
 
         # -- the keep-alive timeout, one timer per idle period ----------------------------------------------
         def _unset_keepalive_if_required(self) -> None:
@@ -297,8 +302,20 @@ if HttpToolsProtocol is not None:
                 self.pipeline.appendleft((self.cycle, app))
 
 
+# The lean protocol copies three methods of uvicorn 0.54 (RequestResponseCycle.send and run_asgi,
+# on_headers_complete): on another uvicorn, keyplane keeps its error shape and uvicorn's own request cycle.
+LEAN_FOR_UVICORN = (0, 54)
+
+
+def uvicorn_is_tested() -> bool:
+    return tuple(int(part) for part in uvicorn.__version__.split(".")[:2]) == LEAN_FOR_UVICORN
+
+
 def http_protocol() -> type[asyncio.Protocol]:
-    """What uvicorn's ``http="auto"`` would pick (httptools when installed, else h11), shaped.
+    """What uvicorn's ``http="auto"`` would pick (httptools when installed, else h11), shaped; lean on the
+    uvicorn it was written against.
 
     Module-level classes: uvicorn hands them to worker processes by reference."""
-    return ShapedHttpToolsProtocol if HttpToolsProtocol is not None else ShapedH11Protocol
+    if HttpToolsProtocol is None:
+        return ShapedH11Protocol
+    return ShapedHttpToolsProtocol if uvicorn_is_tested() else ShapedOnlyHttpToolsProtocol

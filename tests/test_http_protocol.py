@@ -214,3 +214,17 @@ async def test_a_post_whose_app_fails_after_starting_its_answer_is_not_sent_twic
             await answer.read()
     await client.close()
     assert posts == 1
+
+
+def test_on_another_uvicorn_keyplane_keeps_its_error_shape_and_uvicorns_own_request_cycle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean protocol copies uvicorn 0.54's request cycle: a different uvicorn gets its own cycle (so an
+    upgrade cannot break the data plane through a copied method), still answering malformed HTTP in JSON."""
+    from keyplane import http_protocol as module
+
+    assert module.http_protocol() is ShapedHttpToolsProtocol  # the installed uvicorn is the one it was written for
+    monkeypatch.setattr(uvicorn, "__version__", "0.99.0")
+    chosen = module.http_protocol()
+    assert chosen is module.ShapedOnlyHttpToolsProtocol
+    assert "send" not in vars(chosen) and "on_headers_complete" not in vars(chosen)
+    assert chosen.send_400_response is ShapedHttpToolsProtocol.send_400_response
