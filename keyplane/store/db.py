@@ -92,7 +92,7 @@ class Database:
         self.statement_engine: AsyncEngine | None = None
         if not self.is_sqlite:
             self.statement_engine = create_async_engine(
-                url, pool_size=5, max_overflow=10, pool_pre_ping=True, isolation_level="AUTOCOMMIT",
+                url, pool_size=4, max_overflow=6, pool_pre_ping=True, isolation_level="AUTOCOMMIT",
                 connect_args=_pg_connect_args(schema))
 
     async def _in_thread(self, engine: Engine, fn: Callable[[Session], T]) -> T:
