@@ -5,11 +5,12 @@ now (one statement outside a transaction), same store, same run, interleaved.
     python bench/spend_seed.py --events 200000                       # SQLite
     python bench/spend_seed.py --events 200000 --postgres postgresql+asyncpg://postgres@127.0.0.1:5432/test
 
-The store: bench/scale.py's keys and events (bulk-loaded, then vacuumed and analyzed on PostgreSQL as
-autovacuum would; ``--no-vacuum`` to measure it as loaded). Each round seeds every sub-key's and its
-parent's windows side by side (what the first request of a sub-key with a budget does), one way then
-the other. Prints the median and best wall time per way, the median CPU time of this process (what
-the code costs, without the waits for a loaded machine's scheduler), and the load average.
+The store: bench/scale.py's keys and events, bulk-loaded; on PostgreSQL measured as loaded, then again
+after what autovacuum would do (``VACUUM ANALYZE``, bench/scale.py's ``vacuum``). Each round seeds
+every sub-key's and its parent's windows side by side (what the first request of a sub-key with a
+budget does), one way then the other. Prints the median and best wall time per way, the median CPU
+time of this process (what the code costs, without the waits for a loaded machine's scheduler), and
+the load average.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import MASTER_KEY, bulk_load, make_keys
+from scale import MASTER_KEY, bulk_load, make_keys, vacuum
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
@@ -69,7 +70,7 @@ async def before(kp: Any, bucket: str) -> tuple[float, float]:
     return await kp.db.run_read(read)
 
 
-async def run(postgres: str | None, n: int, rounds: int, autovacuum: bool) -> None:
+async def run(postgres: str | None, n: int, rounds: int) -> None:
     schema = f"kp_bench_{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory(prefix="kp-seed-") as tmp:
         overrides: dict[str, Any] = {"home": Path(tmp), "access_log": False, "alert_interval_seconds": 3600,
@@ -85,25 +86,30 @@ async def run(postgres: str | None, n: int, rounds: int, autovacuum: bool) -> No
         try:
             kp = app.kp
             keys = await make_keys(kp, boot.org_id)
-            await bulk_load(kp, n, boot.org_id, keys, random.Random(13), autovacuum)
+            await bulk_load(kp, n, boot.org_id, keys, random.Random(13), autovacuum=False)
             pairs = [(k["id"], k["parent_id"]) for k in keys[80:]]
             ways = {"before (walk + read, one transaction)": before,
                     "now (one statement, no transaction)": lambda kp, b: kp.usage.spent_so_far(b)}
-            times: dict[str, list[float]] = {w: [] for w in ways}
-            cpu: dict[str, list[float]] = {w: [] for w in ways}
-            for r in range(rounds):
-                for name, way in (ways.items() if r % 2 else reversed(ways.items())):
-                    for sub, parent in pairs:
-                        t0, c0 = time.perf_counter(), time.process_time()
-                        a, _ = await asyncio.gather(way(kp, sub), way(kp, parent))
-                        times[name].append((time.perf_counter() - t0) * 1000)
-                        cpu[name].append((time.process_time() - c0) * 1000)  # this process's own work
-                        b = await kp.usage.spent_so_far(sub)  # the same sums, in another order maybe
-                        assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, b, strict=True)), (a, b)
-            for name, ts in times.items():
-                print(f"{name}: median {statistics.median(ts):.2f} ms, best {min(ts):.2f} ms, "
-                      f"CPU median {statistics.median(cpu[name]):.2f} ms ({len(ts)} seeds)")
-            print(f"load average {os.getloadavg()}")
+            for state in ("as loaded", "after VACUUM ANALYZE") if postgres else ("as loaded",):
+                if state != "as loaded":
+                    await vacuum(kp)
+                times: dict[str, list[float]] = {w: [] for w in ways}
+                cpu: dict[str, list[float]] = {w: [] for w in ways}
+                for r in range(-1, rounds):  # round -1, not counted: the first reads of a fresh load set hint bits
+                    for name, way in (ways.items() if r % 2 else reversed(ways.items())):
+                        for sub, parent in pairs:
+                            t0, c0 = time.perf_counter(), time.process_time()
+                            a, _ = await asyncio.gather(way(kp, sub), way(kp, parent))
+                            if r >= 0:
+                                times[name].append((time.perf_counter() - t0) * 1000)
+                                cpu[name].append((time.process_time() - c0) * 1000)  # this process's own work
+                            b = await kp.usage.spent_so_far(sub)  # the same sums, in another order maybe
+                            assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, b, strict=True)), (a, b)
+                print(f"store {state}:")
+                for name, ts in times.items():
+                    print(f"  {name}: median {statistics.median(ts):.2f} ms, best {min(ts):.2f} ms, "
+                          f"CPU median {statistics.median(cpu[name]):.2f} ms ({len(ts)} seeds)")
+                print(f"  load average {os.getloadavg()}", flush=True)
         finally:
             await app.shutdown()
             if postgres:
@@ -118,9 +124,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--postgres", default=None)
-    parser.add_argument("--no-vacuum", action="store_true", help="PostgreSQL: skip what autovacuum would do")
     args = parser.parse_args()
-    asyncio.run(run(args.postgres, args.events, args.rounds, not args.no_vacuum))
+    asyncio.run(run(args.postgres, args.events, args.rounds))
 
 
 if __name__ == "__main__":
