@@ -60,7 +60,7 @@ from keyplane.config import Settings  # noqa: E402
 from keyplane.runtime.spend import Ask, Grant, LocalSpend  # noqa: E402
 from keyplane.services.principal import system  # noqa: E402
 from keyplane.services.schemas import KeyCreate, LimitProfileCreate  # noqa: E402
-from keyplane.services.usage import _sqlite_executemany  # noqa: E402
+from keyplane.services.usage import _sqlite_executemany, as_rows  # noqa: E402
 from keyplane.store import rollups  # noqa: E402
 
 MASTER_KEY = "a2V5cGxhbmUtdGVzdC1tYXN0ZXIta2V5LTMyLWJ5dGU="
@@ -138,7 +138,8 @@ async def store_raw(kp: Any, batch: list[dict[str, Any]]) -> None:
     """Usage events into ``usage_events`` only (no rollups), one transaction: the driver's executemany on
     SQLite (as the write path does), COPY on PostgreSQL."""
     if kp.db.is_sqlite:
-        await kp.db.run_write(lambda s: _sqlite_executemany(s, batch))
+        rows = as_rows(batch)  # the write path's tuples (issue 19): dict events would not bind
+        await kp.db.run_write(lambda s: _sqlite_executemany(s, rows))
         return
     records = [tuple(e.get(c, 0) if c.startswith("cache_") else e.get(c) for c in _EVENT_COLUMNS) for e in batch]
     async with kp.db.write_engine.connect() as conn:
