@@ -11,7 +11,8 @@ spread over the last 31 days, loaded (``--loader``) either
   the rollups by keyplane's own set-based backfill (``rollups.backfill_range``: one INSERT … SELECT …
   GROUP BY … ON CONFLICT per rollup table and 500,000 events, in the store). Before loading, a sample
   of 20,000 events goes both ways (the write path, and this loader) and every rollup table's rows must
-  be the same (tests/test_usage_rollups.py checks the same on random events); or
+  be the same (tests/test_usage_rollups.py checks the same on random events); on PostgreSQL the usage
+  tables are then vacuumed and analyzed, what autovacuum does after such a load (``--no-vacuum``: not); or
 - ``service``: keyplane's write path itself (``UsageService.insert``, what the gateway's usage buffer
   flushes: events plus rollups, 20,000 a batch), ~5x slower;
 
@@ -59,7 +60,7 @@ from keyplane.config import Settings  # noqa: E402
 from keyplane.runtime.spend import Ask, Grant, LocalSpend  # noqa: E402
 from keyplane.services.principal import system  # noqa: E402
 from keyplane.services.schemas import KeyCreate, LimitProfileCreate  # noqa: E402
-from keyplane.services.usage import _sqlite_executemany  # noqa: E402
+from keyplane.services.usage import _sqlite_executemany, as_rows  # noqa: E402
 from keyplane.store import rollups  # noqa: E402
 
 MASTER_KEY = "a2V5cGxhbmUtdGVzdC1tYXN0ZXIta2V5LTMyLWJ5dGU="
@@ -137,7 +138,8 @@ async def store_raw(kp: Any, batch: list[dict[str, Any]]) -> None:
     """Usage events into ``usage_events`` only (no rollups), one transaction: the driver's executemany on
     SQLite (as the write path does), COPY on PostgreSQL."""
     if kp.db.is_sqlite:
-        await kp.db.run_write(lambda s: _sqlite_executemany(s, batch))
+        rows = as_rows(batch)  # the write path's tuples (issue 19): dict events would not bind
+        await kp.db.run_write(lambda s: _sqlite_executemany(s, rows))
         return
     records = [tuple(e.get(c, 0) if c.startswith("cache_") else e.get(c) for c in _EVENT_COLUMNS) for e in batch]
     async with kp.db.write_engine.connect() as conn:
@@ -162,7 +164,23 @@ async def fold_in(kp: Any, after: int, page: int = BACKFILL_PAGE, now: float | N
         await kp.db.run_write(lambda s, a=lo: rollups.backfill_range(s.connection(), a, min(a + page, upto), floor))
 
 
-async def bulk_load(kp: Any, n: int, org_id: str, keys: list[dict[str, Any]], rng: random.Random) -> dict[str, float]:
+async def vacuum(kp: Any) -> None:
+    """What PostgreSQL's autovacuum does to a store within a minute or so of a bulk load (its insert and
+    dead-row thresholds are 20% of a table): VACUUM (dead row versions of the upserted rollups gone, the
+    visibility map set, so index-only scans read no heap) and ANALYZE (statistics for the planner). A
+    store filled over weeks by the gateway got this many times over; a store measured minutes after a
+    COPY and a backfill, with no autovacuum yet (or none: this machine's server runs with
+    ``autovacuum = off``), is one no deployment runs in. SQLite has no such daemon: nothing to do."""
+    if kp.db.is_sqlite:
+        return
+    async with kp.db.write_engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        for table in ("virtual_keys", "usage_events", *rollups.TABLES.values(), *rollups.ORG_TABLES.values()):
+            await conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
+
+
+async def bulk_load(kp: Any, n: int, org_id: str, keys: list[dict[str, Any]], rng: random.Random,
+                    autovacuum: bool = True) -> dict[str, float]:
     started = time.perf_counter()
     after = await last_pk(kp)
     done = 0
@@ -175,7 +193,13 @@ async def bulk_load(kp: Any, n: int, org_id: str, keys: list[dict[str, Any]], rn
     await fold_in(kp, after)
     ended = time.perf_counter()
     print(f"    rollups backfilled in {ended - stored:,.0f} s", flush=True)
-    return {"seconds": ended - started, "events_seconds": stored - started, "rollups_seconds": ended - stored}
+    if autovacuum:
+        await vacuum(kp)
+    vacuumed = time.perf_counter()
+    if autovacuum and not kp.db.is_sqlite:
+        print(f"    vacuumed and analyzed in {vacuumed - ended:,.0f} s (not counted in the load time)", flush=True)
+    return {"seconds": ended - started, "events_seconds": stored - started, "rollups_seconds": ended - stored,
+            "vacuum_seconds": vacuumed - ended}
 
 
 async def check_loader(kp: Any, keys: list[dict[str, Any]], n: int = 20_000) -> dict[str, int]:
@@ -299,7 +323,7 @@ async def measure(app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, 
 
 
 async def run_store(store: str, sizes: list[int], postgres: str | None, probe_seconds: float,
-                    home: str | None = None, loader: str = "bulk") -> dict[str, Any]:
+                    home: str | None = None, loader: str = "bulk", autovacuum: bool = True) -> dict[str, Any]:
     schema = f"kp_bench_{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory(prefix="kp-scale-") as tmp:
         overrides: dict[str, Any] = {"home": Path(home or tmp), "access_log": False, "alert_interval_seconds": 3600,
@@ -327,7 +351,7 @@ async def run_store(store: str, sizes: list[int], postgres: str | None, probe_se
                 for size in sizes:
                     print(f"  {store}: loading {size - loaded:,} events (to {size:,})", flush=True)
                     if loader == "bulk":
-                        parts = await bulk_load(app.kp, size - loaded, org_id, keys, rng)
+                        parts = await bulk_load(app.kp, size - loaded, org_id, keys, rng, autovacuum)
                     else:
                         parts = {"seconds": await load(app.kp, size - loaded, org_id, keys, rng)}
                     seconds = parts["seconds"]
@@ -359,13 +383,16 @@ def main() -> None:
     parser.add_argument("--loader", choices=("bulk", "service"), default="bulk",
                         help="bulk: raw events then keyplane's backfill (checked against the write path first); "
                              "service: UsageService.insert")
+    parser.add_argument("--no-vacuum", action="store_true",
+                        help="PostgreSQL: measure right after the bulk load, before what autovacuum does "
+                             "(VACUUM ANALYZE of the usage tables; done by default)")
     args = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     sizes = [int(s) for s in args.events.split(",")]
     report: dict[str, Any] = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "sizes": sizes}
     for store in args.stores.split(","):
         report[store] = asyncio.run(run_store(store, sizes, args.postgres, args.probe_seconds, args.home,
-                                              args.loader))
+                                              args.loader, not args.no_vacuum))
     out = ROOT / "bench" / "results" / f"scale-{args.stores.replace(',', '-')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -3,7 +3,7 @@ then EXPLAINed on the store that ran them (no full table scan, whatever the hist
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -36,6 +36,7 @@ async def quiet_client(quiet_app: KeyplaneApp) -> Any:
 def _engines(app: KeyplaneApp) -> list[Any]:
     db = app.kp.db
     engines = [db.write_engine.sync_engine, db.read_engine.sync_engine]
+    engines += [db.statement_engine.sync_engine] if db.statement_engine is not None else []
     engines += [e for e in (db._sync_reads, db._sync_writes) if e is not None]
     return list({id(e): e for e in engines}.values())
 
@@ -125,3 +126,45 @@ async def test_request_path_queries_are_index_lookups(quiet_app: KeyplaneApp, qu
             for statement, params in queries:
                 plan = (await conn.exec_driver_sql("EXPLAIN " + statement, params)).scalars().all()
                 assert not any("Seq Scan" in line for line in plan), (statement, plan)
+
+
+async def test_a_spend_seed_is_one_statement(quiet_app: KeyplaneApp, quiet_client: httpx.AsyncClient) -> None:
+    """A key's first budget check costs one statement, however deep its sub-keys nest (the walk used to
+    be a query per level, then the read: each a round trip on PostgreSQL), and counts them all."""
+    app = quiet_app
+    assert app.bootstrap is not None and app.bootstrap.admin_token
+    admin = bearer(app.bootstrap.admin_token)
+    parent, _ = await create_key(quiet_client, admin, name="team", scopes=["models:read"])
+    chain = [parent["id"]]
+    for name in ("child", "grandchild"):
+        resp = await quiet_client.post(f"/api/v1/keys/{chain[-1]}/subkeys", json={"name": name}, headers=admin)
+        assert resp.status_code == 201, resp.text
+        chain.append(resp.json()["key"]["id"])
+    now = datetime.now(UTC)
+    await app.kp.usage.insert([{
+        "org_id": app.bootstrap.org_id, "key_id": key_id, "parent_id": parent_id, "provider": "p", "model": "m",
+        "endpoint": "/v1/chat/completions", "status": 200, "code": "ok", "input_tokens": 1, "output_tokens": 1,
+        "cost_usd": cost, "latency_ms": 3.0, "client_ip": None, "cost_center": None, "environment": None,
+        "time": now} for key_id, parent_id, cost in zip(chain, [None, *chain[:-1]], (0.25, 0.5, 2.0), strict=True)])
+
+    statements: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.split()[0].upper() not in ("BEGIN", "COMMIT", "ROLLBACK"):  # SQLite's, in-process
+            statements.append(statement)
+
+    engines = _engines(app)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", capture)
+    try:
+        seeds = [await app.kp.usage.spent_so_far(key_id) for key_id in chain]
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", capture)
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    expected = [2.75, 2.5, 2.0]  # each key's traffic: its own and its sub-keys'
+    if now - month_start >= timedelta(days=1):  # not the month's first day: today's spend is all of it
+        assert seeds == [pytest.approx((c, c)) for c in expected]
+    else:
+        assert [month for _, month in seeds] == pytest.approx(expected)
+    assert len(statements) == len(chain), statements

@@ -20,13 +20,12 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, case, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
 
 from keyplane.domain.outcomes import REFUSED_STATUSES, outcome
 from keyplane.services.keys import MAX_SUBKEY_DEPTH
 from keyplane.store.models import UsageEvent, VirtualKey
 
-__all__ = ["INCLUDE_SUB_KEYS", "REFUSED_STATUSES", "belongs_to", "key_ids", "key_ids_in", "outcome", "refused_column"]
+__all__ = ["INCLUDE_SUB_KEYS", "REFUSED_STATUSES", "belongs_to", "key_ids", "outcome", "refused_column"]
 
 INCLUDE_SUB_KEYS = True
 """The one default for every surface: a key's traffic includes its sub-keys'."""
@@ -52,19 +51,6 @@ async def key_ids(s: AsyncSession, org_id: str | None, key_id: str,
     level = [key_id]
     for _ in range(MAX_SUBKEY_DEPTH):
         level = list((await s.execute(_children(org_id, level))).scalars())
-        if not level:
-            break
-        ids.extend(level)
-    return ids
-
-
-def key_ids_in(s: Session, org_id: str | None, key_id: str, include_sub_keys: bool = INCLUDE_SUB_KEYS) -> list[str]:
-    """``key_ids`` in a synchronous session (``Database.run_read``): the walk and what reads its ids in
-    one transaction."""
-    ids = [key_id]
-    level = [key_id] if include_sub_keys else []
-    for _ in range(MAX_SUBKEY_DEPTH if level else 0):
-        level = list(s.execute(_children(org_id, level)).scalars())
         if not level:
             break
         ids.extend(level)

@@ -16,6 +16,7 @@ from keyplane.domain import latency_sketch, usage_row
 from keyplane.domain.errors import invalid_request
 from keyplane.services import traffic
 from keyplane.services.audit import parse_since
+from keyplane.services.keys import MAX_SUBKEY_DEPTH
 from keyplane.services.pagination import decode_cursor, page
 from keyplane.services.principal import Principal
 from keyplane.store import rollups
@@ -125,18 +126,15 @@ class UsageService:
 
     async def spent_so_far(self, bucket: str) -> tuple[float, float]:
         """USD spent today and this month (UTC) by a key's traffic (with its sub-keys at any depth: they
-        spend from its budget): the key ids (an index lookup per level), then the day rollups (an index
-        range read per key, at most 31 days of rows), whatever the history. One transaction: on SQLite one
-        worker-thread hop, on PostgreSQL one pool checkout (a checkout pings the server, a transaction
-        costs BEGIN and COMMIT: each a round trip, more than the queries themselves)."""
+        spend from its budget): one statement (``rollups.spend``: the sub-key walk and the day rollups'
+        index-only range reads), whatever the history. On SQLite one worker-thread hop; on PostgreSQL no
+        transaction and a pre-ping of one round trip (``Database.run_statement``): two round trips in all,
+        where the walk, the read, BEGIN, COMMIT and a transactional ping took seven or eight."""
         now = datetime.now(UTC)
         month_start = int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
         day_start = int(now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
-
-        def read(s: Session) -> tuple[float, float]:
-            return rollups.spend(s.connection(), traffic.key_ids_in(s, None, bucket), day_start, month_start)
-
-        return await self.db.run_read(read)
+        depth = MAX_SUBKEY_DEPTH if traffic.INCLUDE_SUB_KEYS else 0
+        return await self.db.run_statement(lambda conn: rollups.spend(conn, bucket, depth, day_start, month_start))
 
     def window(self, since: str, now: float | None = None) -> tuple[int, int]:
         """``[start, end)`` in unix seconds on minute boundaries: what a summary ``since`` covers."""

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -45,10 +45,12 @@ def _make_engine(url: str, *, schema: str | None, immediate: bool) -> AsyncEngin
         engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _sqlite_setup(engine.sync_engine, immediate=immediate)
         return engine
-    connect_args: dict[str, Any] = {}
-    if schema:
-        connect_args["server_settings"] = {"search_path": schema}
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, connect_args=connect_args)
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True,
+                               connect_args=_pg_connect_args(schema))
+
+
+def _pg_connect_args(schema: str | None) -> dict[str, Any]:
+    return {"server_settings": {"search_path": schema}} if schema else {}
 
 
 class Database:
@@ -82,6 +84,16 @@ class Database:
             )
             _sqlite_setup(self._sync_writes, immediate=True)
             self._sync_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keyplane-read")
+        # PostgreSQL reads that are one statement (a request path's budget seed) run outside a transaction:
+        # a statement is its own snapshot, so BEGIN and COMMIT would be two round trips for nothing, and the
+        # checkout's pre-ping is one round trip (";") instead of three (SQLAlchemy pings non-autocommit
+        # asyncpg connections inside BEGIN … ROLLBACK). Its own small pool: a connection's isolation level
+        # is set at checkout, after the ping.
+        self.statement_engine: AsyncEngine | None = None
+        if not self.is_sqlite:
+            self.statement_engine = create_async_engine(
+                url, pool_size=4, max_overflow=6, pool_pre_ping=True, isolation_level="AUTOCOMMIT",
+                connect_args=_pg_connect_args(schema))
 
     async def _in_thread(self, engine: Engine, fn: Callable[[Session], T]) -> T:
         def job() -> T:
@@ -96,6 +108,16 @@ class Database:
             return await self._in_thread(self._sync_reads, fn)
         async with self.read() as session:
             return await session.run_sync(fn)
+
+    async def run_statement(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(connection)``, a read of ONE statement, the cheapest way for this store: on SQLite one
+        worker-thread hop (as ``run_read``); on PostgreSQL without a transaction (``statement_engine``):
+        with the checkout's ping, two round trips (three the first time a connection meets the statement:
+        asyncpg prepares it). More than one statement would not share a snapshot: use ``run_read``."""
+        if self.statement_engine is None:
+            return await self.run_read(lambda s: fn(s.connection()))
+        async with self.statement_engine.connect() as conn:
+            return await conn.run_sync(fn)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -122,6 +144,8 @@ class Database:
             self._sync_reads.dispose()
         if self._sync_executor is not None:
             self._sync_executor.shutdown(wait=False)
+        if self.statement_engine is not None:
+            await self.statement_engine.dispose()
         await self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             await self.read_engine.dispose()
