@@ -55,6 +55,9 @@ try:  # httptools is optional: without it uvicorn speaks h11
 except ImportError:  # pragma: no cover
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
+# A request head (request line and headers) must arrive within this long of its first byte, else the
+# connection is closed (nginx's client_header_timeout is 60 s; a head is a few KB).
+HEAD_TIMEOUT_SECONDS = 10.0
 _JOIN_BELOW = 64 * 1024  # a body up to this size is copied after the headers (one buffer); larger: writev
 
 if HttpToolsProtocol is not None:
@@ -224,11 +227,36 @@ if HttpToolsProtocol is not None:
           has been idle ``timeout_keep_alive`` seconds since, else waits for the rest of that time.
         """
 
-        idle_since: float | None = None  # when the last answer finished, None while a request is in
+        idle_since: float | None = None  # since when no request has begun (opened, or last answer); else None
+        head_since: float | None = None  # when the request head now arriving began; None once it is complete
 
-        # -- the keep-alive timeout, one timer per idle period ----------------------------------------------
+        # -- the keep-alive timeout, one timer per idle period; the request-head timeout ------------------
+        # One timer serves both deadlines a connection can be waiting on: idle (no request begun: since the
+        # connection opened or its last answer, ``timeout_keep_alive``) and a request head still arriving
+        # (since its first byte, HEAD_TIMEOUT_SECONDS). uvicorn has neither a timeout for a connection that
+        # never sends a request nor one for a head that never completes (a stray CRLF or a partial head
+        # turns its keep-alive timer off): a client could hold connections open forever (slowloris).
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._idle_from(self.loop.time())  # a connection that never sends a request is idle from its start
+
+        def _idle_from(self, when: float) -> None:
+            self.idle_since = when
+            if self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
         def _unset_keepalive_if_required(self) -> None:
-            self.idle_since = None  # a request is coming in: not idle (the timer, if armed, will see it)
+            pass  # bytes alone (a stray CRLF) do not end idleness: a request's first byte does (on_message_begin)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.idle_since = None
+            self.head_since = now = self.loop.time()
+            timer = self.timeout_keep_alive_task
+            if timer is None or timer.when() > now + HEAD_TIMEOUT_SECONDS:  # (a keep-alive longer than it)
+                if timer is not None:
+                    timer.cancel()
+                self.timeout_keep_alive_task = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self._idle_check)
 
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)
@@ -246,15 +274,18 @@ if HttpToolsProtocol is not None:
                 cycle, app = self.pipeline.pop()
                 self._start_asgi_task(cycle, app)
                 return
-            self.idle_since = self.loop.time()
-            if self.timeout_keep_alive_task is None:
-                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+            if self.head_since is None:  # else a pipelined request's head is arriving: its own deadline holds
+                self._idle_from(self.loop.time())
 
         def _idle_check(self) -> None:
             self.timeout_keep_alive_task = None
-            if self.idle_since is None:
-                return  # busy: the answer that ends this request arms the timer again
-            left = self.idle_since + self.timeout_keep_alive - self.loop.time()
+            if self.idle_since is not None:
+                deadline = self.idle_since + self.timeout_keep_alive
+            elif self.head_since is not None:
+                deadline = self.head_since + HEAD_TIMEOUT_SECONDS
+            else:
+                return  # a request is being answered: its answer arms the timer again
+            left = deadline - self.loop.time()
             if left > 0:
                 self.timeout_keep_alive_task = self.loop.call_later(left, self._idle_check)
             else:
@@ -262,6 +293,7 @@ if HttpToolsProtocol is not None:
 
         # -- uvicorn's on_headers_complete (0.54), with keyplane's cycle --------------------------------------
         def on_headers_complete(self) -> None:
+            self.head_since = None
             http_version = self.parser.get_http_version()
             method = self.parser.get_method()
             self.scope["method"] = method.decode("ascii")

@@ -228,3 +228,61 @@ def test_on_another_uvicorn_keyplane_keeps_its_error_shape_and_uvicorns_own_requ
     assert chosen is module.ShapedOnlyHttpToolsProtocol
     assert "send" not in vars(chosen) and "on_headers_complete" not in vars(chosen)
     assert chosen.send_400_response is ShapedHttpToolsProtocol.send_400_response
+
+
+# -- slowloris: connections that never finish asking are closed (uvicorn 0.54 keeps them open forever) --------
+
+async def test_a_connection_that_never_sends_a_request_is_closed_after_the_keep_alive_timeout() -> None:
+    _protocol, transport, _ = connect(plain, timeout_keep_alive=1)
+    loop = asyncio.get_running_loop()
+    opened = loop.time()
+    async with asyncio.timeout(5):
+        await transport.closing.wait()
+    assert 0.95 <= loop.time() - opened < 2.0
+
+
+async def test_a_stray_line_break_after_an_answer_does_not_keep_the_connection_open() -> None:
+    protocol, transport, _ = connect(plain, timeout_keep_alive=1)
+    await exchange(protocol, transport)
+    protocol.data_received(b"\r\n")  # not a request: uvicorn's protocol turned its keep-alive timer off here
+    async with asyncio.timeout(5):
+        await transport.closing.wait()
+
+
+async def test_a_request_head_that_never_completes_is_closed_after_the_head_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from keyplane import http_protocol as module
+
+    monkeypatch.setattr(module, "HEAD_TIMEOUT_SECONDS", 0.5)
+    protocol, transport, _ = connect(plain, timeout_keep_alive=30)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    protocol.data_received(b"POST /x HTTP/1.1\r\nhost: a\r\n")  # and the rest never comes, one byte at a time
+    for _ in range(3):
+        await asyncio.sleep(0.1)
+        protocol.data_received(b"x")
+    async with asyncio.timeout(5):
+        await transport.closing.wait()
+    assert 0.45 <= loop.time() - started < 1.5  # the head's deadline, not the 30 s keep-alive
+    assert transport.writes == []
+
+
+async def test_a_slow_head_that_completes_in_time_is_answered_and_a_long_answer_is_not_cut(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from keyplane import http_protocol as module
+
+    monkeypatch.setattr(module, "HEAD_TIMEOUT_SECONDS", 1.0)
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await asyncio.sleep(1.3)  # longer than both timeouts: a request being answered has no deadline here
+        await plain(scope, receive, send)
+
+    protocol, transport, _ = connect(slow, timeout_keep_alive=1)
+    for part in (REQUEST[:10], REQUEST[10:30], REQUEST[30:]):
+        protocol.data_received(part)
+        await asyncio.sleep(0.2)
+    async with asyncio.timeout(5):
+        while protocol.server_state.total_requests < 1:
+            transport.wrote.clear()
+            await transport.wrote.wait()
+    assert b"".join(transport.writes).endswith(b'{"ok":true}') and not transport.closed
