@@ -81,6 +81,10 @@ class Ask:
     output_tokens: int  # the allowance wanted: what the request names, or the default allowance
     output_usd_per_token: float
     clamp: bool  # may the allowance be lowered to what the budget covers (else: refuse)
+    # What the gateway read from the request (gateway/budget.py), so that writing the granted bound into it
+    # reads nothing twice: the smallest output bound it names (0: none) and its choices (``n``).
+    named: int = 0
+    choices: int = 1
 
 
 @dataclass(slots=True)
