@@ -222,7 +222,8 @@ class Upstream:
                              settings.output_allowance_tokens)
         if not ask.named and not ask.clamp and api.output_fields:
             raise budget.unbounded(api)
-        granted = self.kp.reserve_spend_now(admission.key, ask)
+        # the spend backend itself (LocalSpend, SharedSpend: None), not Keyplane.reserve_spend: one call fewer
+        granted = self.kp.spend.reserve_now(admission.key.spend_limits, ask)
         if granted is None:
             return None
         return _granted(admission, api, request, ask, granted, outcome)
