@@ -175,9 +175,11 @@ class Upstream:
         outcome.route = route
         changed = False
         if admission.key.spend_limits and api.metered:
-            changed = self.reserve_now(admission, api, request, len(body), route, outcome)
-            if changed is None:  # a bucket's first request in this process, or the Redis mode
-                changed = await self.reserve(admission, api, request, len(body), route, outcome)
+            reserved = self.reserve_now(admission, api, request, len(body), route, outcome)
+            if isinstance(reserved, bool):
+                changed = reserved
+            else:  # its Ask: a bucket's first request in this process, or the Redis mode
+                changed = await self.reserve(admission, api, request, reserved, outcome)
         stream = request.get("stream") is True and api.streams
         if stream and api.ask_stream_usage:
             options = request.get("stream_options")
@@ -214,9 +216,12 @@ class Upstream:
         await self._relay("GET", url, None, headers, route, admission, receive, send, outcome, None, False, None)
 
     def reserve_now(self, admission: Admission, api: Api, request: dict[str, Any], body_len: int, route: Route,
-                    outcome: Outcome) -> bool | None:
-        """:meth:`reserve` without an ``await`` (no coroutine) where this process holds the windows (embedded
-        mode, once the key's buckets are seeded); None: nothing done, await :meth:`reserve`."""
+                    outcome: Outcome) -> bool | Ask:
+        """Reserve the request's worst case in every spend window of the key and its parents, or refuse it;
+        lower its output bound to what the budget covers (gateway/budget.py). True: the request changed.
+        Without an ``await`` (no coroutine) where this process holds the windows (embedded mode, once the
+        key's buckets are seeded); else nothing is reserved and the request's :class:`Ask` is returned, for
+        :meth:`reserve`."""
         settings = self.kp.settings
         ask = budget.ask_for(api, request, body_len, route, admission.key, settings.prompt_bytes_per_token,
                              settings.output_allowance_tokens)
@@ -225,18 +230,13 @@ class Upstream:
         # the spend backend itself (LocalSpend, SharedSpend: None), not Keyplane.reserve_spend: one call fewer
         granted = self.kp.spend.reserve_now(admission.key.spend_limits, ask)
         if granted is None:
-            return None
+            return ask
         return _granted(admission, api, request, ask, granted, outcome)
 
-    async def reserve(self, admission: Admission, api: Api, request: dict[str, Any], body_len: int, route: Route,
+    async def reserve(self, admission: Admission, api: Api, request: dict[str, Any], ask: Ask,
                       outcome: Outcome) -> bool:
-        """Reserve the request's worst case in every spend window of the key and its parents, or refuse it;
-        lower its output bound to what the budget covers (gateway/budget.py). True: the request changed."""
-        settings = self.kp.settings
-        ask = budget.ask_for(api, request, body_len, route, admission.key, settings.prompt_bytes_per_token,
-                             settings.output_allowance_tokens)
-        if not ask.named and not ask.clamp and api.output_fields:
-            raise budget.unbounded(api)
+        """:meth:`reserve_now` where it has to wait: the bucket's spend so far is read from the store first,
+        or the windows are in Redis."""
         return _granted(admission, api, request, ask, await self.kp.reserve_spend(admission.key, ask), outcome)
 
     async def settle(self, admission: Admission, outcome: Outcome) -> None:
