@@ -37,8 +37,8 @@ _REASONING_MODEL = re.compile(r"(o[1-9]\d*|gpt-5)([-.:_].*)?", re.IGNORECASE)
 
 
 def ask_for(api: Api, request: dict[str, Any], body_len: int, route: Route, key: KeySnapshot,
-            bytes_per_token: float, default_allowance: int) -> tuple[Ask, bool]:
-    """The request's worst case, and whether it named its own output bound."""
+            bytes_per_token: float, default_allowance: int) -> Ask:
+    """The request's worst case; ``named`` on it: the smallest output bound the request names (0: none)."""
     prompt_tokens = math.ceil(body_len / bytes_per_token) or 1
     write = route.cache_write_per_mtok  # the dearer of the input and cache-write prices
     prompt_price = (write if write is not None and write > route.input_per_mtok else route.input_per_mtok) / 1e6
@@ -49,7 +49,7 @@ def ask_for(api: Api, request: dict[str, Any], body_len: int, route: Route, key:
             break
     fields = api.output_fields
     if not fields:
-        return Ask(prompt_tokens, prompt_tokens * prompt_price, 0, 0.0, clamp), True
+        return Ask(prompt_tokens, prompt_tokens * prompt_price, 0, 0.0, clamp, 1)
     named = 0  # the smallest bound the request names (a positive int; type() is, not isinstance:
     # True is an int to isinstance, and a bound of True is no bound)
     for name in fields:
@@ -59,8 +59,8 @@ def ask_for(api: Api, request: dict[str, Any], body_len: int, route: Route, key:
     choices = request.get("n", 1)
     if type(choices) is not int or choices < 1:  # n: a positive int, else one choice
         choices = 1
-    return (Ask(prompt_tokens, prompt_tokens * prompt_price, (named or default_allowance) * choices,
-                route.output_per_mtok / 1e6, clamp), named > 0)
+    return Ask(prompt_tokens, prompt_tokens * prompt_price, (named or default_allowance) * choices,
+               route.output_per_mtok / 1e6, clamp, named, choices)
 
 
 def unbounded(api: Api) -> KeyplaneError:
@@ -89,20 +89,20 @@ def bound_field(api: Api, request: dict[str, Any]) -> str:
     return api.output_fields[0]
 
 
-def apply_allowance(api: Api, request: dict[str, Any], granted: int) -> str:
+def apply_allowance(api: Api, request: dict[str, Any], granted: int, ask: Ask) -> int:
     """Write the granted output bound (``granted`` is for all choices together) into the request: every bound
-    field it named is lowered; when it named none, :func:`bound_field` is set. Returns a field now set."""
-    choices = request.get("n", 1)
-    per_choice = (granted if type(choices) is not int or choices <= 1 else granted // choices) or 1
-    first = None
+    field it named is lowered; when it named none, :func:`bound_field` is set. Returns the bound now in
+    effect per choice (the first named field's, or the one set). ``ask``: :func:`ask_for`'s, for this request."""
+    choices = ask.choices
+    per_choice = (granted if choices == 1 else granted // choices) or 1
+    if not ask.named:  # nothing to lower: set the one field
+        request[bound_field(api, request)] = per_choice
+        return per_choice
+    bound = 0
     for field in api.output_fields:
         value = request.get(field)
         if type(value) is int and value > 0:
             if per_choice < value:
-                request[field] = per_choice
-            first = first or field
-    if first is not None:
-        return first
-    field = bound_field(api, request)
-    request[field] = per_choice
-    return field
+                request[field] = value = per_choice
+            bound = bound or value
+    return bound

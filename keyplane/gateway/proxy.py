@@ -24,7 +24,7 @@ from keyplane.gateway.http_client import HttpClient, HttpClientError, Response
 from keyplane.gateway.model_name import recorded_model
 from keyplane.gateway.wire import ANTHROPIC, ANTHROPIC_VERSION, APIS, Api, Tokens, UsageReader
 from keyplane.runtime.response_owners import ResponseOwners, SharedResponseOwners
-from keyplane.runtime.spend import Exhausted, Grant
+from keyplane.runtime.spend import Ask, Exhausted, Grant
 from keyplane.services.container import Keyplane
 from keyplane.services.providers import Route, secret_mask
 
@@ -175,7 +175,11 @@ class Upstream:
         outcome.route = route
         changed = False
         if admission.key.spend_limits and api.metered:
-            changed = await self.reserve(admission, api, request, len(body), route, outcome)
+            reserved = self.reserve_now(admission, api, request, len(body), route, outcome)
+            if isinstance(reserved, bool):
+                changed = reserved
+            else:  # its Ask: a bucket's first request in this process, or the Redis mode
+                changed = await self.reserve(admission, api, request, reserved, outcome)
         stream = request.get("stream") is True and api.streams
         if stream and api.ask_stream_usage:
             options = request.get("stream_options")
@@ -211,27 +215,29 @@ class Upstream:
         headers = _upstream_headers(APIS["/v1/responses"], route, scope, False)
         await self._relay("GET", url, None, headers, route, admission, receive, send, outcome, None, False, None)
 
-    async def reserve(self, admission: Admission, api: Api, request: dict[str, Any], body_len: int, route: Route,
-                      outcome: Outcome) -> bool:
+    def reserve_now(self, admission: Admission, api: Api, request: dict[str, Any], body_len: int, route: Route,
+                    outcome: Outcome) -> bool | Ask:
         """Reserve the request's worst case in every spend window of the key and its parents, or refuse it;
-        lower its output bound to what the budget covers (gateway/budget.py). True: the request changed."""
+        lower its output bound to what the budget covers (gateway/budget.py). True: the request changed.
+        Without an ``await`` (no coroutine) where this process holds the windows (embedded mode, once the
+        key's buckets are seeded); else nothing is reserved and the request's :class:`Ask` is returned, for
+        :meth:`reserve`."""
         settings = self.kp.settings
-        ask, named = budget.ask_for(api, request, body_len, route, admission.key, settings.prompt_bytes_per_token,
-                                    settings.output_allowance_tokens)
-        if not named and not ask.clamp:
+        ask = budget.ask_for(api, request, body_len, route, admission.key, settings.prompt_bytes_per_token,
+                             settings.output_allowance_tokens)
+        if not ask.named and not ask.clamp and api.output_fields:
             raise budget.unbounded(api)
-        granted = self.kp.reserve_spend_now(admission.key, ask)
+        # the spend backend itself (LocalSpend, SharedSpend: None), not Keyplane.reserve_spend: one call fewer
+        granted = self.kp.spend.reserve_now(admission.key.spend_limits, ask)
         if granted is None:
-            granted = await self.kp.reserve_spend(admission.key, ask)
-        if isinstance(granted, Exhausted):
-            raise spend_refusal(granted)
-        outcome.grant = granted
-        if not api.output_fields or (named and granted.output_tokens >= ask.output_tokens):
-            return False
-        bound = request[budget.apply_allowance(api, request, granted.output_tokens)]
-        # a fresh list per request (enforce.Admission): appended to in place
-        admission.headers.append((budget.CLAMPED_HEADER, b"%d" % bound))
-        return True
+            return ask
+        return _granted(admission, api, request, ask, granted, outcome)
+
+    async def reserve(self, admission: Admission, api: Api, request: dict[str, Any], ask: Ask,
+                      outcome: Outcome) -> bool:
+        """:meth:`reserve_now` where it has to wait: the bucket's spend so far is read from the store first,
+        or the windows are in Redis."""
+        return _granted(admission, api, request, ask, await self.kp.reserve_spend(admission.key, ask), outcome)
 
     async def settle(self, admission: Admission, outcome: Outcome) -> None:
         """Count what an answer cost before its last byte goes out: a client that sends its next request
@@ -345,6 +351,22 @@ class Upstream:
             response.close()
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _granted(admission: Admission, api: Api, request: dict[str, Any], ask: Ask, granted: Grant | Exhausted,
+             outcome: Outcome) -> bool:
+    """The reservation's answer: refuse the request, or hold the grant and write the granted output bound
+    into the request when it differs from what the request names (the answer says so in a header).
+    True: the request changed."""
+    if isinstance(granted, Exhausted):
+        raise spend_refusal(granted)
+    outcome.grant = granted
+    if not api.output_fields or (ask.named and granted.output_tokens >= ask.output_tokens):
+        return False
+    bound = budget.apply_allowance(api, request, granted.output_tokens, ask)
+    # a fresh list per request (enforce.Admission): appended to in place
+    admission.headers.append((budget.CLAMPED_HEADER, b"%d" % bound))
+    return True
 
 
 def _model(name: str, route: Route) -> dict[str, Any]:

@@ -81,6 +81,10 @@ class Ask:
     output_tokens: int  # the allowance wanted: what the request names, or the default allowance
     output_usd_per_token: float
     clamp: bool  # may the allowance be lowered to what the budget covers (else: refuse)
+    # What the gateway read from the request (gateway/budget.py), so that writing the granted bound into it
+    # reads nothing twice: the smallest output bound it names (0: none) and its choices (``n``).
+    named: int = 0
+    choices: int = 1
 
 
 @dataclass(slots=True)
@@ -164,7 +168,8 @@ class SpendLedger:
         (the rule of :func:`afford`, written out: this runs on every budgeted request). ``seeded_only``:
         None, with nothing changed, when a bucket is not seeded yet (LocalSpend.reserve_now)."""
         now = time.time() if now is None else now
-        minute, day, month = windows(now)
+        second, found = _last_windows  # windows(now), without the call in the same second
+        minute, day, month = found if second == int(now) else windows(now)
         ptok, pusd, price = ask.prompt_tokens, ask.prompt_usd, ask.output_usd_per_token
         best = ask.output_tokens
         binding: tuple[str, float, float] | None = None
@@ -220,6 +225,19 @@ class SpendLedger:
             names.append(bucket)
         self._count += 1
         return Grant(self._count, tuple(names), tokens, usd, best)
+
+    def settle(self, grant: Grant, buckets: tuple[str, ...], tokens: int, cost_usd: float) -> None:
+        """:meth:`release` then :meth:`add`, in one call (this runs on every budgeted request)."""
+        held_tokens, held_usd = grant.tokens, grant.usd
+        for bucket in grant.buckets:
+            c = self._buckets.get(bucket)
+            if c is not None:
+                c.held_tokens -= held_tokens
+                c.held_usd -= held_usd
+                if c.held_tokens <= 0 and c.held_usd <= 1e-12:  # no float dust left behind
+                    c.held_tokens, c.held_usd = 0, 0.0
+        if tokens or cost_usd:
+            self.add(buckets, tokens, cost_usd)
 
     def release(self, grant: Grant) -> None:
         for bucket in grant.buckets:
@@ -303,8 +321,7 @@ class LocalSpend:
         if grant.done:
             return
         grant.done = True
-        self.ledger.release(grant)
-        self.ledger.add(buckets, tokens, cost_usd)
+        self.ledger.settle(grant, buckets, tokens, cost_usd)
 
     async def reserved(self, bucket: str, family: str | None = None) -> tuple[float, float]:
         return self.ledger.reserved(bucket)

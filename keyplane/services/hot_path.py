@@ -137,11 +137,6 @@ class HotPath:
         except LimitsUnavailable:
             raise limits_unavailable() from None
 
-    def reserve_spend_now(self, key: KeySnapshot, ask: Ask) -> Grant | Exhausted | None:
-        """:meth:`reserve_spend` without an ``await`` where this process holds the windows (embedded mode, once
-        the key's buckets are seeded); None: await :meth:`reserve_spend`. Two coroutines fewer per request."""
-        return self.spend.reserve_now(key.spend_limits, ask)
-
     async def settle_spend(self, key: KeySnapshot, grant: Grant | None, tokens: int, cost_usd: float) -> None:
         """Count an answer's spend in the key and every ancestor, dropping its reservation if it held one."""
         if grant is not None:
