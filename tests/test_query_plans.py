@@ -168,3 +168,13 @@ async def test_a_spend_seed_is_one_statement(quiet_app: KeyplaneApp, quiet_clien
     else:
         assert [month for _, month in seeds] == pytest.approx(expected)
     assert len(statements) == len(chain), statements
+
+
+async def test_the_spend_seeds_connection_is_open_before_the_first_budgeted_request(quiet_app: KeyplaneApp) -> None:
+    """On PostgreSQL the seed runs on a pool of its own: a start opens its first connection (and prepares
+    the statement), so a key's first budgeted request after a start does not pay for either."""
+    statement_engine = quiet_app.kp.db.statement_engine
+    if statement_engine is None:  # SQLite: the seed runs on the read thread, nothing to open
+        assert quiet_app.kp.db.is_sqlite
+        return
+    assert statement_engine.pool.checkedin() >= 1

@@ -89,6 +89,7 @@ class Lifecycle:
         self.secret_box()  # fail fast on a missing or unreadable master key
         await self.migrate()
         boot = await self.bootstrap()
+        await self.usage.warm_spend_seed()
         self._heads = await self._read_heads()
         self._tasks = [
             asyncio.create_task(self._every(self.settings.last_used_flush_seconds, self.flush), name="flush"),

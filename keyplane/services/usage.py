@@ -136,6 +136,11 @@ class UsageService:
         depth = MAX_SUBKEY_DEPTH if traffic.INCLUDE_SUB_KEYS else 0
         return await self.db.run_statement(lambda conn: rollups.spend(conn, bucket, depth, day_start, month_start))
 
+    async def warm_spend_seed(self) -> None:
+        """Run the seed statement once at start, for no key: on PostgreSQL its pool opens a connection and
+        asyncpg prepares the statement now, not in a key's first budgeted request (~10 ms measured)."""
+        await self.db.run_statement(lambda conn: rollups.spend(conn, "", 0, 0, 0))
+
     def window(self, since: str, now: float | None = None) -> tuple[int, int]:
         """``[start, end)`` in unix seconds on minute boundaries: what a summary ``since`` covers."""
         now = time.time() if now is None else now
