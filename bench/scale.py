@@ -322,20 +322,27 @@ async def measure(app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, 
     return out
 
 
+async def bench_settings(home: Path, postgres: str | None, schema: str) -> Settings:
+    """A bench store's settings: background jobs out of the way; on PostgreSQL a fresh schema of its own."""
+    overrides: dict[str, Any] = {"home": home, "access_log": False, "alert_interval_seconds": 3600,
+                                 "retention_interval_seconds": 3600}
+    if postgres:
+        engine = create_async_engine(postgres)
+        async with engine.begin() as conn:
+            await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        await engine.dispose()
+        overrides.update(database_url=postgres, database_schema=schema, master_key=MASTER_KEY)
+    return Settings(**overrides)
+
+
 async def run_store(store: str, sizes: list[int], postgres: str | None, probe_seconds: float,
                     home: str | None = None, loader: str = "bulk", autovacuum: bool = True) -> dict[str, Any]:
     schema = f"kp_bench_{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory(prefix="kp-scale-") as tmp:
-        overrides: dict[str, Any] = {"home": Path(home or tmp), "access_log": False, "alert_interval_seconds": 3600,
-                                     "retention_interval_seconds": 3600}
         if store == "postgresql":
             assert postgres, "--postgres URL needed"
-            engine = create_async_engine(postgres)
-            async with engine.begin() as conn:
-                await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-            await engine.dispose()
-            overrides.update(database_url=postgres, database_schema=schema, master_key=MASTER_KEY)
-        app = KeyplaneApp(Settings(**overrides))
+        app = KeyplaneApp(await bench_settings(Path(home or tmp), postgres if store == "postgresql" else None,
+                                               schema))
         boot = await app.startup()
         try:
             org_id = boot.org_id

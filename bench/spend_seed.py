@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import MASTER_KEY, bulk_load, make_keys, vacuum
+from scale import bench_settings, bulk_load, make_keys, vacuum
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
 from keyplane.app import KeyplaneApp
-from keyplane.config import Settings
 from keyplane.services.keys import MAX_SUBKEY_DEPTH
 from keyplane.store.models import VirtualKey
 
@@ -73,15 +72,7 @@ async def before(kp: Any, bucket: str) -> tuple[float, float]:
 async def run(postgres: str | None, n: int, rounds: int) -> None:
     schema = f"kp_bench_{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory(prefix="kp-seed-") as tmp:
-        overrides: dict[str, Any] = {"home": Path(tmp), "access_log": False, "alert_interval_seconds": 3600,
-                                     "retention_interval_seconds": 3600}
-        if postgres:
-            engine = create_async_engine(postgres)
-            async with engine.begin() as conn:
-                await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-            await engine.dispose()
-            overrides.update(database_url=postgres, database_schema=schema, master_key=MASTER_KEY)
-        app = KeyplaneApp(Settings(**overrides))
+        app = KeyplaneApp(await bench_settings(Path(tmp), postgres, schema))
         boot = await app.startup()
         try:
             kp = app.kp
