@@ -188,6 +188,8 @@ class SpendLedger:
                     return _exhausted("tokens_per_minute", limit, used, now)
                 if room < best:
                     best, binding = int(room + 1e-9), ("tokens_per_minute", limit, used)
+            # The day and month windows are the same rule written out twice, not a helper: a call per
+            # window per request was measurable on the hot path (docs/performance.md, issue 17).
             limit = limits.cost_per_day_usd
             if limit is not None:
                 used = (c.day_usd if c.day == day else 0.0) + c.held_usd
