@@ -62,16 +62,16 @@ async def main(n: int, runs: int) -> None:
             for batch in events(n, org_id, keys, time.time() - 60, random.Random(13)):
                 order.reverse()
                 for name, app in order:
-                    def write(s: Any, name: str = name, batch: list[dict[str, Any]] = batch) -> None:
+                    def write(cursor: Any, name: str = name, batch: list[dict[str, Any]] = batch) -> None:
                         r = rollups.aggregate(batch, floor if name == "after" else None)
                         if name == "before":
                             r = [row for row in r if row[0] in rollups.TABLES]
                         rows[name] += len(r)
-                        usage_service._sqlite_executemany(s, batch)
-                        rollups.upsert(s.connection(), r)
+                        usage_service._sqlite_insert_events(cursor, usage_service.as_rows(batch))
+                        rollups.upsert_sqlite(cursor, r)
 
                     t0 = time.perf_counter()
-                    await app.kp.db.run_write(write)
+                    await app.kp.db.run_dbapi_write(write)
                     seconds[name] += time.perf_counter() - t0
             print(f"write, {n:,} events (load average {os.getloadavg()[0]:.1f}):")
             for name, s in seconds.items():

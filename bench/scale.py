@@ -60,7 +60,7 @@ from keyplane.config import Settings  # noqa: E402
 from keyplane.runtime.spend import Ask, Grant, LocalSpend  # noqa: E402
 from keyplane.services.principal import system  # noqa: E402
 from keyplane.services.schemas import KeyCreate, LimitProfileCreate  # noqa: E402
-from keyplane.services.usage import _sqlite_executemany, as_rows  # noqa: E402
+from keyplane.services.usage import _sqlite_insert_events, as_rows  # noqa: E402
 from keyplane.store import rollups  # noqa: E402
 
 MASTER_KEY = "a2V5cGxhbmUtdGVzdC1tYXN0ZXIta2V5LTMyLWJ5dGU="
@@ -139,7 +139,7 @@ async def store_raw(kp: Any, batch: list[dict[str, Any]]) -> None:
     SQLite (as the write path does), COPY on PostgreSQL."""
     if kp.db.is_sqlite:
         rows = as_rows(batch)  # the write path's tuples (issue 19): dict events would not bind
-        await kp.db.run_write(lambda s: _sqlite_executemany(s, rows))
+        await kp.db.run_dbapi_write(lambda cursor: _sqlite_insert_events(cursor, rows))
         return
     records = [tuple(e.get(c, 0) if c.startswith("cache_") else e.get(c) for c in _EVENT_COLUMNS) for e in batch]
     async with kp.db.write_engine.connect() as conn:
