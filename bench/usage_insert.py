@@ -40,8 +40,9 @@ def rows_for(second: int, n: int, org_id: str, rng: random.Random, n_keys: int =
                         else (502, "upstream_error"))
         tin, tout = (rng.randint(50, 4000), rng.randint(0, 1000)) if status == 200 else (0, 0)
         model = "gpt-4o-mini" if i % 3 or n_keys == 1 else "gpt-4o"
-        out.append((org_id, key, parent, "openai", model, f"team-{i % 4}", "prod", "/v1/chat/completions", None,
-                    None, status, code, None, tin, tout, 0, 0, (tin * 0.15 + tout * 0.6) / 1e6,
+        team = f"team-{i % n_keys % 4}"  # a key's cost center
+        out.append((org_id, key, parent, "openai", model, team, "prod", "/v1/chat/completions", None, None, status,
+                    code, None, tin, tout, 0, 0, (tin * 0.15 + tout * 0.6) / 1e6,
                     round(rng.lognormvariate(3.0, 0.5), 3), "10.0.0.1",
                     second * 1_000_000 + i * 1_000_000 // n + rng.randint(0, 99)))
     return out

@@ -42,7 +42,11 @@ its organization table in the store.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import functools
+import itertools
+import operator
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -110,6 +114,26 @@ def status_class(status: int) -> str:
     return f"{max(1, min(5, status // 100))}xx"
 
 
+_SUMMED_AT = (usage_row.INPUT_TOKENS, usage_row.OUTPUT_TOKENS, usage_row.CACHE_WRITE_TOKENS,
+              usage_row.CACHE_READ_TOKENS, usage_row.COST_USD)
+
+
+def _sums(rows: list[usage_row.Row]) -> list[Any]:
+    """[count, input, output, cache write, cache read tokens, cost, latency sum, {latency bucket: count}] of
+    some events: each a missing value counting as 0, summed left to right (as ``+=`` would, so floats come
+    out the same on any Python: ``sum`` compensates on 3.12+), bucketed as ``latency_sketch.bucket_of``."""
+    columns = list(zip(*rows, strict=True))
+    out: list[Any] = [len(rows)]
+    out += [functools.reduce(operator.add, filter(None, columns[i]), 0) for i in _SUMMED_AT]
+    latencies = columns[usage_row.LATENCY_MS]
+    latency = functools.reduce(operator.add, filter(None, latencies), 0.0)
+    if latency == latency and None not in latencies:  # no NaN, no None: the edges bucket it (in C)
+        out += [latency, collections.Counter(map(bisect.bisect_right, itertools.repeat(_EDGES), latencies))]
+    else:
+        out += [latency, collections.Counter(latency_sketch.bucket_of(x or 0.0) for x in latencies)]
+    return out
+
+
 def aggregate(events: Iterable[dict[str, Any]], minute_floor: int | None = None) -> list[tuple[Any, ...]]:
     """``aggregate_rows`` for events given as dicts (the ``usage_events`` columns as keys)."""
     return aggregate_rows([usage_row.row_of(e) for e in events], minute_floor)
@@ -121,35 +145,23 @@ def aggregate_rows(rows: Iterable[usage_row.Row], minute_floor: int | None = Non
     so that concurrent writers lock rows in the same order (no deadlocks on PostgreSQL). Minute rows whose
     bucket starts before ``minute_floor`` (the minute rollups' retention cut) are left out.
 
-    Two steps, so that the work per event is small: events are first summed per (minute, dimensions as
-    the event has them), one slice and one dict lookup each; then each of those few groups is normalised
-    and added into its minute, hour, day and organization rows."""
+    Two steps, so that the work per event is small: events are first grouped per (minute, dimensions as
+    the event has them), one slice and one dict lookup each, and summed per group by C loops (``_sums``);
+    then each of those few groups is normalised and added into its minute, hour, day and organization rows."""
     floor = -1 if minute_floor is None else minute_floor
-    bucket_of = latency_sketch.bucket_of
     ends = usage_row.DIMENSIONS_END
-    t_at, tin_at, lat_at = usage_row.TIME, usage_row.INPUT_TOKENS, usage_row.LATENCY_MS
-    per_minute: dict[int, dict[tuple[Any, ...], list[Any]]] = {}
+    t_at = usage_row.TIME
+    grouped: dict[tuple[Any, ...], list[usage_row.Row]] = {}
     for r in rows:
-        minute = r[t_at] // 60_000_000 * MINUTE
-        groups = per_minute.get(minute)
-        if groups is None:
-            groups = per_minute[minute] = {}
-        tin, tout, cw, cr, cost, latency = r[tin_at:lat_at + 1]
-        latency = latency or 0.0
-        lat_bucket = bucket_of(latency)
-        g = groups.get(dims := r[:ends])
+        k = (r[t_at] // 60_000_000, r[:ends])
+        g = grouped.get(k)
         if g is None:
-            groups[dims] = [1, tin or 0, tout or 0, cw or 0, cr or 0, cost or 0.0, latency, {lat_bucket: 1}]
-            continue
-        g[0] += 1
-        g[1] += tin or 0
-        g[2] += tout or 0
-        g[3] += cw or 0
-        g[4] += cr or 0
-        g[5] += cost or 0.0
-        g[6] += latency
-        hist = g[7]
-        hist[lat_bucket] = hist.get(lat_bucket, 0) + 1
+            grouped[k] = [r]
+        else:
+            g.append(r)
+    per_minute: dict[int, dict[tuple[Any, ...], list[Any]]] = {}
+    for (minute, dims), g in grouped.items():
+        per_minute.setdefault(minute * MINUTE, {})[dims] = _sums(g)
     acc: dict[tuple[Any, ...], list[Any]] = {}
     for minute, groups in per_minute.items():
         for (org, key, parent, provider, model, cost_center, environment, endpoint, mcp_server, tool, status,
@@ -177,9 +189,9 @@ def aggregate_rows(rows: Iterable[usage_row.Row], minute_floor: int | None = Non
                     into[b] = into.get(b, 0) + c
     # The organization rows: the keyed rows summed without their key dimensions (fewer rows than
     # events, so cheaper than a second pass over the events).
-    pick = _ORG_PICK
+    pick = operator.itemgetter(*_ORG_PICK)
     for k, row in list(acc.items()):
-        ok = ("o" + k[0], k[1], *(k[i] for i in pick))
+        ok = ("o" + k[0], k[1], *pick(k))
         into = acc.get(ok)
         if into is None:
             acc[ok] = [*row[:10], dict(row[10])]
