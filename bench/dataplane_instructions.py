@@ -9,8 +9,9 @@ minimal client, forwarding to a minimal upstream; both are raw asyncio protocols
 same code for every tree. The script runs itself under callgrind; the instrumentation is on for
 ``--requests`` requests after a warm-up, and the total (all threads: the usage writer too) is divided by
 them. Unlike ``bench/gateway_callgrind.py`` nothing here waits on another process and the jobs that run by
-the clock (the change poll, a store query a second) are set an hour apart, so the figure moves little from
-run to run (~0.3%), whatever the machine's load: what it is for is telling small cuts apart. What it
+the clock are stopped (the change poll; the usage writer's and access log's batch writes: what a request
+adds to a batch is counted, the write is not), so the figure moves little from run to run, whatever the
+machine's load: what it is for is telling small cuts on the event loop's path apart. What it
 does not count: the kernel (a saved system call shows in CPU time only), and the client's and upstream's
 own instructions are in it, the same for every tree.
 """
@@ -59,6 +60,7 @@ class Client(asyncio.Protocol):
     """One keep-alive connection sending the same request, the next once an answer is whole."""
 
     def __init__(self, request: bytes, left: list[int], done: asyncio.Future[None]) -> None:
+        """``left``: [requests still to send, answers still to come]."""
         self.request, self.left, self.done = request, left, done
         self.buffer = b""
 
@@ -78,10 +80,11 @@ class Client(asyncio.Protocol):
         if len(self.buffer) < end + 4 + int(match.group(1)):
             return
         self.buffer = b""
-        self.left[0] -= 1
-        if self.left[0] >= 0:
+        self.left[1] -= 1
+        if self.left[0] > 0:
+            self.left[0] -= 1
             self.transport.write(self.request)
-        elif not self.done.done():
+        elif self.left[1] == 0:
             self.done.set_result(None)
 
 
@@ -108,12 +111,13 @@ async def measure(tree: Path, home: Path, connections: int, requests: int) -> No
     up_port = upstream.sockets[0].getsockname()[1]
     key, _ = await seed(home, f"http://127.0.0.1:{up_port}")
 
-    # Jobs that run by the clock, not by the request (the change poll: a store query a second), out of the way:
-    # under valgrind their count follows the run's wall time, which the machine's load sets.
-    quiet = {name: 3600.0 for name in ("change_poll_seconds", "last_used_flush_seconds", "alert_interval_seconds",
-                                       "audit_checkpoint_seconds", "retention_interval_seconds")}
-    app = KeyplaneApp(Settings(home=home, **quiet), owns_process=True)
+    app = KeyplaneApp(Settings(home=home), owns_process=True)
     await app.startup()
+    # The jobs that run by the clock, not by the request (the change poll, a store query a second; the usage
+    # and access-log batches), stopped: under valgrind their count follows the run's wall time, which the
+    # machine's load sets. What each request adds to their batches is still counted; the shutdown writes them.
+    for task in app.kp._tasks:
+        task.cancel()
     protocol = http_protocol.http_protocol()
     config = uvicorn.Config(app, http=protocol, lifespan="off", log_config=None, access_log=False,
                             proxy_headers=False, server_header=False)
@@ -129,19 +133,16 @@ async def measure(tree: Path, home: Path, connections: int, requests: int) -> No
                % (port, key.encode(), len(body), body))
 
     async def run(n: int) -> None:
-        left, done = [n - connections], loop.create_future()
+        left, done = [n - connections, n], loop.create_future()
         transports = [(await loop.create_connection(lambda: Client(request, left, done), "127.0.0.1", port))[0]
                       for _ in range(connections)]
         await done
-        await asyncio.sleep(0.2)  # the other connections' last answers
         for transport in transports:
             transport.close()
 
     await run(max(200, requests // 5))
-    await asyncio.sleep(1.5)
     instrument("-i", "on")
     await run(requests)
-    await asyncio.sleep(1.5)  # the usage batch of those requests is written
     instrument("-i", "off")
     instrument("-d")
     server.close()

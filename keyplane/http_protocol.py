@@ -172,7 +172,7 @@ if HttpToolsProtocol is not None:
                 self.waiting_for_100_continue = False
 
                 status_code = message["status"]  # type: ignore[typeddict-item]
-                headers = self.protocol.server_state.default_headers + list(message.get("headers", []))
+                headers = [*self.protocol.server_state.default_headers, *message.get("headers", ())]
                 if self.protocol.access_log:
                     self.protocol.access_logger.info(
                         '%s - "%s %s HTTP/%s" %d', get_client_addr(self.scope),  # type: ignore[arg-type]
@@ -304,7 +304,7 @@ if HttpToolsProtocol is not None:
         - the keep-alive timeout is one timer per idle period, not one ``call_later`` and ``cancel`` per
           request: a finished answer notes the time; the timer, when it fires, closes the connection if it
           has been idle ``timeout_keep_alive`` seconds since, else waits for the rest of that time;
-        - the per-request scope is built without uvicorn's per-request ``asgi`` dict (one per connection).
+        - the scope is built in one go once the head is complete, its ``asgi`` dict one per connection.
         """
 
         idle_since: float | None = None  # since when no request has begun (opened, or last answer); else None
@@ -346,15 +346,11 @@ if HttpToolsProtocol is not None:
                     self._unsupported_upgrade_warning()
 
         def on_message_begin(self) -> None:
-            """uvicorn's, the ``asgi`` dict shared by the connection's requests, then the request-head timer."""
+            """uvicorn's, but the scope is built once the head is complete (``on_headers_complete``); then the
+            request-head timer."""
             self.url = b""
             self.expect_100_continue = False
             self.headers = []
-            self.scope = {  # type: ignore[typeddict-item]
-                "type": "http", "asgi": self.asgi, "http_version": "1.1", "server": self.server,
-                "client": self.client, "scheme": self.scheme, "root_path": self.root_path, "headers": self.headers,
-                "state": self.app_state.copy(),
-            }
             self.idle_since = None
             self.head_since = now = self.loop.time()
             timer = self.timeout_keep_alive_task
@@ -397,14 +393,18 @@ if HttpToolsProtocol is not None:
                 held += body  # type: ignore[operator]
             if len(held) > HIGH_WATER_LIMIT:
                 self.flow.pause_reading()
-            cycle.wake()
+            cycle.pending = True  # cycle.wake(), inline
+            if cycle.event is not None:
+                cycle.event.set()
 
         def on_message_complete(self) -> None:
             cycle = self.cycle
             if cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
                 return
             cycle.more_body = False
-            cycle.wake()
+            cycle.pending = True  # cycle.wake(), inline
+            if cycle.event is not None:
+                cycle.event.set()
 
         def on_response_complete(self) -> None:
             self.server_state.total_requests += 1
@@ -418,7 +418,9 @@ if HttpToolsProtocol is not None:
                 self._start_asgi_task(cycle, app)  # type: ignore[arg-type]
                 return
             if self.head_since is None:  # else a pipelined request's head is arriving: its own deadline holds
-                self._idle_from(self.loop.time())
+                self.idle_since = self.loop.time()  # _idle_from, inline
+                if self.timeout_keep_alive_task is None:
+                    self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
 
         def _idle_check(self) -> None:
             self.timeout_keep_alive_task = None
@@ -436,14 +438,17 @@ if HttpToolsProtocol is not None:
 
         # -- uvicorn's on_headers_complete (0.54), with keyplane's cycle --------------------------------------
         def on_headers_complete(self) -> None:
+            """uvicorn's, the scope built here in one dict display (no resize as keys are added), with an
+            ``asgi`` dict per connection rather than per request."""
             self.head_since = None
             parser = self.parser
             http_version = parser.get_http_version()
-            scope = self.scope
-            scope["method"] = parser.get_method().decode("ascii")
-            if http_version != "1.1":
-                scope["http_version"] = http_version
+            method = parser.get_method().decode("ascii")
             if parser.should_upgrade() and self._should_upgrade():
+                self.scope = {  # what the WebSocket hand-over reads
+                    "type": "http", "asgi": self.asgi, "http_version": http_version, "server": self.server,
+                    "client": self.client, "scheme": self.scheme, "root_path": self.root_path,
+                    "headers": self.headers, "state": self.app_state.copy(), "method": method}
                 return
             parsed_url = httptools.parse_url(self.url)
             raw_path = parsed_url.path
@@ -451,12 +456,14 @@ if HttpToolsProtocol is not None:
             if "%" in path:
                 path = urllib.parse.unquote(path)
             if self.root_path:
-                scope["path"] = self.root_path + path
-                scope["raw_path"] = self.root_path.encode("ascii") + raw_path
-            else:
-                scope["path"] = path
-                scope["raw_path"] = raw_path
-            scope["query_string"] = parsed_url.query or b""
+                path = self.root_path + path
+                raw_path = self.root_path.encode("ascii") + raw_path
+            self.scope = scope = {  # type: ignore[typeddict-item]
+                "type": "http", "asgi": self.asgi, "http_version": http_version, "server": self.server,
+                "client": self.client, "scheme": self.scheme, "root_path": self.root_path, "headers": self.headers,
+                "state": self.app_state.copy(), "method": method, "path": path, "raw_path": raw_path,
+                "query_string": parsed_url.query or b"",
+            }
 
             if self.limit_concurrency is not None and (
                 len(self.connections) >= self.limit_concurrency or len(self.tasks) >= self.limit_concurrency
@@ -467,9 +474,14 @@ if HttpToolsProtocol is not None:
                 app = self.app
 
             existing_cycle = self.cycle
-            self.cycle = _Cycle(scope, self, http_version != "1.0" and parser.should_keep_alive())
+            self.cycle = cycle = _Cycle(scope, self, http_version != "1.0" and parser.should_keep_alive())
             if existing_cycle is None or existing_cycle.response_complete:
-                self._start_asgi_task(self.cycle, app)  # type: ignore[arg-type]
+                if self.config.reset_contextvars:
+                    self._start_asgi_task(cycle, app)  # type: ignore[arg-type]
+                else:  # uvicorn's _start_asgi_task, inline
+                    task = self.loop.create_task(cycle.run_asgi(app))
+                    task.add_done_callback(self.tasks.discard)
+                    self.tasks.add(task)
             else:  # pipelined requests wait their turn
                 self.flow.pause_reading()
                 self.pipeline.appendleft((self.cycle, app))  # type: ignore[arg-type]
