@@ -348,6 +348,21 @@ async def test_an_answer_header_with_a_forbidden_byte_is_refused_in_uvicorns_wor
     assert b"x-evil" not in b"".join(transport.writes)
 
 
+async def test_answer_headers_uvicorn_accepts_still_pass_off_the_fast_path() -> None:
+    """A tab, a byte above 0x7f or a name with "_" is not what the check without a regular expression
+    passes: the expressions decide, as in uvicorn."""
+    headers = [(b"content-length", b"2"), (b"x_under", b"a\tb"), (b"x-latin", b"caf\xe9 \x85")]
+
+    async def odd(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    protocol, transport, _ = connect(odd)
+    answer = await exchange(protocol, transport)
+    assert b"x_under: a\tb\r\nx-latin: caf\xe9 \x85\r\n" in answer and answer.endswith(b"\r\n\r\nok")
+
+
 # -- slowloris: connections that never finish asking are closed (uvicorn 0.54 keeps them open forever) --------
 
 async def test_a_connection_that_never_sends_a_request_is_closed_after_the_keep_alive_timeout() -> None:
