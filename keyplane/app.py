@@ -75,18 +75,17 @@ class KeyplaneApp:
             path = scope["path"]
             # the data plane first: no hot route is under /v1/
             handler = self.dataplane if path.startswith("/v1/") else self.hot_routes.get(path)
-            if handler is not None:
-                pass
-            elif path.startswith(MCP_GATEWAY_PREFIX):
-                handler = self.mcp_gateway
-            elif self.settings.demo and path.startswith(demo.DEMO_PREFIX):
-                handler = demo.echo_app
-            elif (refusal := url_refusal(scope)) is not None:
-                await send_error(send, refusal)
-                return
-            elif path == "/ui" or path.startswith("/ui/"):
-                await self.dashboard(scope, receive, send)
-                return
+            if handler is None:
+                if path.startswith(MCP_GATEWAY_PREFIX):
+                    handler = self.mcp_gateway
+                elif self.settings.demo and path.startswith(demo.DEMO_PREFIX):
+                    handler = demo.echo_app
+                elif (refusal := url_refusal(scope)) is not None:
+                    await send_error(send, refusal)
+                    return
+                elif path == "/ui" or path.startswith("/ui/"):
+                    await self.dashboard(scope, receive, send)
+                    return
             if handler is not None:
                 try:
                     await handler(scope, receive, send)
