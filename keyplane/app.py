@@ -73,19 +73,19 @@ class KeyplaneApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
-            handler = self.hot_routes.get(path)
-            if handler is None and path.startswith("/v1/"):
-                handler = self.dataplane
-            elif handler is None and path.startswith(MCP_GATEWAY_PREFIX):
-                handler = self.mcp_gateway
-            elif handler is None and self.settings.demo and path.startswith(demo.DEMO_PREFIX):
-                handler = demo.echo_app
-            elif handler is None and (refusal := url_refusal(scope)) is not None:
-                await send_error(send, refusal)
-                return
-            elif handler is None and (path == "/ui" or path.startswith("/ui/")):
-                await self.dashboard(scope, receive, send)
-                return
+            # the data plane first: no hot route is under /v1/
+            handler = self.dataplane if path.startswith("/v1/") else self.hot_routes.get(path)
+            if handler is None:
+                if path.startswith(MCP_GATEWAY_PREFIX):
+                    handler = self.mcp_gateway
+                elif self.settings.demo and path.startswith(demo.DEMO_PREFIX):
+                    handler = demo.echo_app
+                elif (refusal := url_refusal(scope)) is not None:
+                    await send_error(send, refusal)
+                    return
+                elif path == "/ui" or path.startswith("/ui/"):
+                    await self.dashboard(scope, receive, send)
+                    return
             if handler is not None:
                 try:
                     await handler(scope, receive, send)

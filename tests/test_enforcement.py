@@ -343,3 +343,41 @@ async def test_cached_keys_keep_working_while_the_store_is_unreachable(
     assert_error(resp, 503, "store_unavailable")
     assert resp.headers["retry-after"] == "1"
     assert "keyplane_stale_credentials_served_total 1.0" in (await client.get("/metrics")).text
+
+
+def test_the_one_pass_credentials_read_is_bearer_and_the_signature_header() -> None:
+    """Admission reads the credential and ``x-mcp-signature`` in one pass (gateway/asgi.py ``credentials``):
+    the same answers as ``bearer`` and ``header``, duplicates and odd spacing included."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from keyplane.gateway.asgi import bearer, credentials, header
+
+    names = st.sampled_from([b"authorization", b"x-api-key", b"x-mcp-signature", b"host"])
+    values = st.one_of(st.binary(max_size=12), st.sampled_from(
+        [b"Bearer mcp_sk_x", b"bearer  tok ", b"Bearer ", b"Bearer \xa0t\xa0", b"Basic abc", b" ", b"Bearer"]))
+
+    def bearer_as_it_was(scope: dict[str, Any]) -> str | None:  # before "Bearer " was taken without lower()
+        auth = api_key = None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                auth = value
+            elif key == b"x-api-key":
+                api_key = value
+        if auth is not None:
+            scheme, _, token = auth.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        if api_key is not None and api_key.strip():
+            return api_key.decode("latin-1").strip()
+        return None
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(st.tuples(names, values), max_size=5))
+    def same(headers: list[tuple[bytes, bytes]]) -> None:
+        scope = {"headers": headers}
+        assert credentials(scope) == (bearer(scope), header(scope, b"x-mcp-signature"))
+        assert bearer(scope) == bearer_as_it_was(scope)
+
+    same()
+    assert credentials({"headers": [(b"authorization", b"Bearer \xa0t\xa0")]})[0] == "t"  # str.strip, as before

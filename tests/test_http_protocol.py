@@ -230,6 +230,139 @@ def test_on_another_uvicorn_keyplane_keeps_its_error_shape_and_uvicorns_own_requ
     assert chosen.send_400_response is ShapedHttpToolsProtocol.send_400_response
 
 
+# -- the lean request cycle: uvicorn's ASGI behaviour, for less per request ---------------------------------
+
+async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with the whole request body, read message by message."""
+    body = b""
+    while True:
+        message = await receive()
+        assert message["type"] == "http.request" and isinstance(message["body"], bytes)
+        body += message["body"]
+        if not message["more_body"]:
+            break
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def test_a_request_whose_body_came_with_its_head_is_answered_without_an_asyncio_event(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn makes an ``asyncio.Event`` per request for ``receive()`` to wait on; a body that has arrived
+    with its head needs no waiting (the common data-plane request)."""
+    made = 0
+
+    class Counted(asyncio.Event):
+        def __init__(self) -> None:
+            nonlocal made
+            made += 1
+            super().__init__()
+
+    protocol, transport, _ = connect(echo)
+    monkeypatch.setattr(asyncio, "Event", Counted)
+    for _ in range(3):
+        assert (await exchange(protocol, transport)).endswith(b"\r\n\r\nhi")
+    assert made == 0
+
+
+async def test_a_body_in_pieces_and_a_chunked_body_reach_the_app_whole() -> None:
+    protocol, transport, _ = connect(echo)
+    protocol.data_received(b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nhel")
+    for piece in (b"lo", b"wor", b"ld"):  # the app waits for each
+        await asyncio.sleep(0.01)
+        protocol.data_received(piece)
+    async with asyncio.timeout(5):
+        while protocol.server_state.total_requests < 1:
+            transport.wrote.clear()
+            await transport.wrote.wait()
+    assert b"".join(transport.writes).endswith(b"content-length: 10\r\n\r\nhelloworld")
+    chunks = b"".join(b"1\r\n%c\r\n" % (97 + i % 26) for i in range(3000))  # many pieces in one read
+    chunked = b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    answer = await exchange(protocol, transport, chunked)
+    assert answer.endswith(b"\r\n\r\n" + bytes(97 + i % 26 for i in range(3000)))
+
+
+async def test_expect_100_continue_is_answered_when_the_app_reads_the_body() -> None:
+    protocol, transport, _ = connect(echo)
+    protocol.data_received(b"POST /x HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n")
+    async with asyncio.timeout(5):
+        await transport.wrote.wait()
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    answer = await exchange(protocol, transport, b"hi")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nhi")
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    protocol, transport, _ = connect(echo)
+    second = REQUEST.replace(b"\r\n\r\nhi", b"\r\n\r\nho")
+    protocol.data_received(REQUEST + second)
+    async with asyncio.timeout(5):
+        while protocol.server_state.total_requests < 2:
+            transport.wrote.clear()
+            await transport.wrote.wait()
+    written = b"".join(transport.writes)
+    assert written.count(b"HTTP/1.1 200 OK") == 2 and written.index(b"hi") < written.index(b"ho")
+
+
+async def test_a_client_leaving_mid_answer_is_seen_by_a_waiting_receive() -> None:
+    """What gateway/asgi.py relay_until_client_leaves waits on: after the body, ``receive()`` returns
+    ``http.disconnect`` once the connection is lost."""
+    seen: list[str] = []
+    returned = asyncio.Event()
+
+    async def streaming(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        seen.append((await receive())["type"])
+        returned.set()
+
+    protocol, transport, _ = connect(streaming)
+    protocol.data_received(REQUEST)
+    async with asyncio.timeout(5):
+        await transport.wrote.wait()
+    await asyncio.sleep(0.01)
+    assert seen == []  # still waiting
+    protocol.connection_lost(None)
+    async with asyncio.timeout(5):
+        await returned.wait()
+    assert seen == ["http.disconnect"]
+
+
+async def test_an_answer_header_with_a_forbidden_byte_is_refused_in_uvicorns_words() -> None:
+    errors: list[str] = []
+
+    async def bad(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"2"), (b"x-fine", b"1"), (b"x-bad", b"a\r\nx-evil: 1")]})
+        except RuntimeError as exc:
+            errors.append(str(exc))
+            raise
+
+    protocol, transport, _ = connect(bad)
+    protocol.data_received(REQUEST)
+    async with asyncio.timeout(5):
+        await transport.closing.wait()
+    assert errors == ["Invalid HTTP header value."]
+    assert b"x-evil" not in b"".join(transport.writes)
+
+
+async def test_answer_headers_uvicorn_accepts_still_pass_off_the_fast_path() -> None:
+    """A tab, a byte above 0x7f or a name with "_" is not what the check without a regular expression
+    passes: the expressions decide, as in uvicorn."""
+    headers = [(b"content-length", b"2"), (b"x_under", b"a\tb"), (b"x-latin", b"caf\xe9 \x85")]
+
+    async def odd(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    protocol, transport, _ = connect(odd)
+    answer = await exchange(protocol, transport)
+    assert b"x_under: a\tb\r\nx-latin: caf\xe9 \x85\r\n" in answer and answer.endswith(b"\r\n\r\nok")
+
+
 # -- slowloris: connections that never finish asking are closed (uvicorn 0.54 keeps them open forever) --------
 
 async def test_a_connection_that_never_sends_a_request_is_closed_after_the_keep_alive_timeout() -> None:

@@ -35,10 +35,34 @@ def bearer(scope: Scope) -> str | None:
             auth = value
         elif key == b"x-api-key":
             api_key = value
+    return _token(auth, api_key)
+
+
+def credentials(scope: Scope) -> tuple[str | None, str | None]:
+    """``bearer(scope)`` and ``header(scope, b"x-mcp-signature")``, in one pass over the headers."""
+    auth = None
+    api_key = None
+    signature = None
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            auth = value
+        elif key == b"x-api-key":
+            api_key = value
+        elif key == b"x-mcp-signature" and signature is None:
+            signature = value.decode("latin-1")
+    return _token(auth, api_key), signature
+
+
+def _token(auth: bytes | None, api_key: bytes | None) -> str | None:
     if auth is not None:
-        scheme, _, token = auth.decode("latin-1").partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
+        if auth.startswith(b"Bearer "):  # what clients send: the general case below, without its lower()
+            token = auth[7:].decode("latin-1").strip()
+            if token:
+                return token
+        else:
+            scheme, _, token = auth.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
     if api_key is not None and api_key.strip():
         return api_key.decode("latin-1").strip()
     return None

@@ -123,7 +123,7 @@ class DataPlane:
         self._finish(route, outcome, key, ip, started)
 
     def _finish(self, route: str, outcome: Outcome, key: KeySnapshot | None, ip: str, started: float) -> None:
-        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        latency_ms = round((time.perf_counter() - started) * 1_000_000) / 1000  # round(…, 3) costs ~4x more
         self.metrics.count(route, outcome.status, outcome.code)
         key_id = key.id if key else None
         if key is not None:

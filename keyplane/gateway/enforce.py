@@ -20,7 +20,7 @@ from keyplane.domain.errors import (
     too_many_failed_authentications,
 )
 from keyplane.domain.gcra import Verdict
-from keyplane.gateway.asgi import Scope, bearer, header
+from keyplane.gateway.asgi import Scope, credentials, header
 from keyplane.runtime.limits import LimitsUnavailable, limits_unavailable
 from keyplane.services.container import Keyplane
 
@@ -72,50 +72,47 @@ class Enforcer:
         self.limiter = kp.limiter
         self.brake = kp.brake
         self.replays = kp.replays
+        self.tracker = kp.tracker
 
     async def admit(self, scope: Scope, required_scope: str, body: bytes) -> Admission:
         ip = self.addresses.of(scope)
-        try:
-            return await self._admit(scope, required_scope, body, ip)
+        try:  # one coroutine, not two: this runs on every request
+            now = time.time()
+            blocked = self.brake.blocked_for(ip, now)
+            if blocked:
+                raise Refused(too_many_failed_authentications(blocked))
+            token, signature = credentials(scope)
+            if token is None:
+                raise Refused(missing_bearer())
+            try:
+                key = await self.kp.lookup_key(token)
+            except KeyplaneError as exc:  # the store is down and the key is not cached
+                raise Refused(exc) from None
+            # "" asks for no scope: the MCP gateway decides per JSON-RPC method after admission.
+            code, missing = policy.check(key, now, scopes=(required_scope,) if required_scope else (), ip=ip)
+            if code != policy.VALID:
+                if code == policy.NOT_FOUND:
+                    self.brake.fail(ip, now)
+                raise Refused(refusal_for(code, key, ip, missing), key)
+            assert key is not None
+            if key.require_signature or signature is not None:
+                checked = signing.check(token, header(scope, b"x-mcp-timestamp"), signature, body, now)
+                problem = checked.problem
+                # The window remembers the canonical form the check compared: case or padding is no new request.
+                if problem is None and not await self.replays.first_use(f"{key.id}:{checked.signature}", now):
+                    problem = "This signature was already used: sign every request afresh"
+                if problem is not None:
+                    self.brake.fail(ip, now)
+                    raise Refused(auth_error("invalid_signature", problem), key)
+            try:
+                verdict = await self.limiter.acquire(key.buckets, now)
+            except LimitsUnavailable:
+                raise Refused(limits_unavailable(), key) from None
+            headers = verdict.headers() if verdict is not None else []
+            if verdict is not None and not verdict.allowed:
+                raise Refused(rate_limited(verdict), key, headers)
+            self.tracker.touch(key.id, now)  # Keyplane.record_use, with this request's time
+            return Admission(key, ip, headers)
         except Refused as refused:
             refused.ip = ip  # for the usage event and the access log, without resolving it again
             raise
-
-    async def _admit(self, scope: Scope, required_scope: str, body: bytes, ip: str) -> Admission:
-        now = time.time()
-        blocked = self.brake.blocked_for(ip, now)
-        if blocked:
-            raise Refused(too_many_failed_authentications(blocked))
-        token = bearer(scope)
-        if token is None:
-            raise Refused(missing_bearer())
-        try:
-            key = await self.kp.lookup_key(token)
-        except KeyplaneError as exc:  # the store is down and the key is not cached
-            raise Refused(exc) from None
-        # "" asks for no scope: the MCP gateway decides per JSON-RPC method after admission.
-        code, missing = policy.check(key, now, scopes=(required_scope,) if required_scope else (), ip=ip)
-        if code != policy.VALID:
-            if code == policy.NOT_FOUND:
-                self.brake.fail(ip, now)
-            raise Refused(refusal_for(code, key, ip, missing), key)
-        assert key is not None
-        signature = header(scope, b"x-mcp-signature")
-        if key.require_signature or signature is not None:
-            checked = signing.check(token, header(scope, b"x-mcp-timestamp"), signature, body, now)
-            problem = checked.problem
-            # The window remembers the canonical form the check compared: case or padding is no new request.
-            if problem is None and not await self.replays.first_use(f"{key.id}:{checked.signature}", now):
-                problem = "This signature was already used: sign every request afresh"
-            if problem is not None:
-                self.brake.fail(ip, now)
-                raise Refused(auth_error("invalid_signature", problem), key)
-        try:
-            verdict = await self.limiter.acquire(key.buckets, now)
-        except LimitsUnavailable:
-            raise Refused(limits_unavailable(), key) from None
-        headers = verdict.headers() if verdict is not None else []
-        if verdict is not None and not verdict.allowed:
-            raise Refused(rate_limited(verdict), key, headers)
-        self.kp.record_use(key)
-        return Admission(key, ip, headers)

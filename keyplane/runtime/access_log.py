@@ -36,21 +36,20 @@ class AccessLog:
         self._second = -1
         self._stamp = b""
 
-    def _now(self) -> bytes:
+    def record(self, fields: dict[str, Any]) -> None:
+        if len(self._pending) >= self.max_pending:
+            self.dropped += 1
+            return
+        # {"time": …, "level": …, "logger": …, "message": …, **fields}, without building that dict; the time's
+        # seconds formatted once a second, the line in one formatting
+        body = orjson.dumps(fields)
         now = time.time_ns()
         second = now // 1_000_000_000
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
-        return b"%s.%03dZ" % (self._stamp, now // 1_000_000 % 1000)
-
-    def record(self, fields: dict[str, Any]) -> None:
-        if len(self._pending) >= self.max_pending:
-            self.dropped += 1
-            return
-        # {"time": …, "level": …, "logger": …, "message": …, **fields}, without building that dict
-        body = orjson.dumps(fields)
-        self._pending.append(b'{"time":"%s%s%s' % (self._now(), _SHARED if len(body) > 2 else _SHARED_END, body[1:]))
+        self._pending.append(b'{"time":"%s.%03dZ%s%s' % (self._stamp, now // 1_000_000 % 1000,
+                                                        _SHARED if len(body) > 2 else _SHARED_END, body[1:]))
 
     def flush(self) -> None:
         if self.dropped:
