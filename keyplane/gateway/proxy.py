@@ -378,9 +378,16 @@ class Upstream:
             async for chunk in response.chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 outcome.relayed_bytes += len(chunk)
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                if reader is not None and any([_read_sse_line(line.strip(), reader) for line in lines]):
+                if reader is None:
+                    continue
+                end = chunk.rfind(b"\n")
+                if end < 0:
+                    pending += chunk
+                    continue
+                lines, pending = pending + chunk[:end], chunk[end + 1:]  # the complete lines, the rest
+                # most events carry no usage: one scan of their lines in C, not a call per line
+                if (b'"usage"' in lines or b'"response.created"' in lines) and any(
+                        [_read_sse_line(line.strip(), reader) for line in lines.split(b"\n")]):
                     outcome.meter(route, reader.tokens())
             outcome.stream_done = True
             if before_last_byte is not None:
