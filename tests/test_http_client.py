@@ -333,3 +333,47 @@ async def test_a_read_timeout_holds_per_wait_on_a_reused_connection() -> None:
         assert loop.time() - started < 0.9
     await client.close()
     assert connections == [1]  # all three on one kept-alive connection
+
+
+async def test_a_prepared_request_is_encoded_once_and_framed_per_body() -> None:
+    """HttpClient.prepare: the gateway keeps one per route; each send adds only its body's framing."""
+    counting = Counting()
+    client = HttpClient()
+
+    async def streamed() -> AsyncIterator[bytes]:
+        yield b"stream"
+
+    async with server(counting) as url:
+        prepared = client.prepare("POST", f"{url}/v1/chat", {"authorization": "Bearer sk", "Content-Length": "99"})
+        for body in (b"one", b"", None, streamed(), b"three"):
+            assert await (await client.send(prepared, body)).read() == JSON
+    await client.close()
+    assert counting.connections == 1
+    heads = [head for head, _ in counting.requests]
+    framing = [head[len(prepared.head):] for head in heads]
+    assert all(head.startswith(prepared.head) for head in heads)
+    assert prepared.head.startswith(b"POST /v1/chat HTTP/1.1\r\nhost: 127.0.0.1:")
+    assert b"\r\nauthorization: Bearer sk\r\n" in prepared.head and b"99" not in prepared.head  # framing is ours
+    assert framing == [b"content-length: 3\r\n\r\n", b"content-length: 0\r\n\r\n", b"content-length: 0\r\n\r\n",
+                       b"transfer-encoding: chunked\r\n\r\n", b"content-length: 5\r\n\r\n"]
+    assert [body for _, body in counting.requests] == [b"one", b"", b"", b"stream", b"three"]
+
+
+async def test_the_answers_content_type_and_headers() -> None:
+    """content_type is read with the framing; every header is there too, repeated ones joined."""
+    def reply(head: bytes, body: bytes) -> bytes:
+        if b"/none" in head:
+            return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\nok"
+        packed = gzip.compress(b"event: x\n\n")
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: GZip\r\n"
+                b"Content-Length: " + str(len(packed)).encode() + b"\r\n\r\n" + packed)
+
+    client = HttpClient()
+    async with server(Counting(reply)) as url:
+        plain = await client.request("GET", f"{url}/none")
+        assert plain.content_type is None and await plain.read() == b"ok"
+        assert plain.headers == {"content-length": "2", "x-a": "1, 2"}
+        events = await client.request("GET", f"{url}/events")
+        assert events.content_type == "text/event-stream" and await events.read() == b"event: x\n\n"
+        assert events.headers["content-encoding"] == "GZip"
+    await client.close()

@@ -1,7 +1,9 @@
 """The gateway's upstream HTTP/1.1 client: asyncio protocols + httptools, keep-alive pools, TLS verified.
 
     HttpClient.request(method, url, headers, body, connect_timeout, read_timeout) -> Response
-    Response: status, headers (lower-case names), read(limit), chunks(), release(), close()
+    HttpClient.prepare(method, url, headers) -> Prepared     the request line and headers, encoded once
+    HttpClient.send(prepared, body, connect_timeout, read_timeout) -> Response
+    Response: status, content_type, headers (lower-case names), read(limit), chunks(), release(), close()
 
 Why not aiohttp (which this replaces) or another client: measured in bench/upstream_clients.py and
 docs/performance.md. aiohttp spent ~40% of a proxied request's CPU building requests, in its connector,
@@ -37,6 +39,8 @@ import httptools
 _HIGH_WATER = 1024 * 1024  # bytes of answer buffered before the connection stops reading
 _OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# the lengths of content-length, transfer-encoding, content-encoding, content-type: other names are skipped
+_SIZES_READ = frozenset({14, 17, 16, 12})
 
 
 class HttpClientError(Exception):
@@ -174,13 +178,14 @@ class _Connection(asyncio.Protocol):
 class Response:
     """One answer: status and headers as soon as they are in, the body as it arrives."""
 
-    __slots__ = ("_decoder", "_timeout", "_waiter", "buffered", "chunks_in", "client", "complete",
-                 "conn", "error", "framed", "got_bytes", "headers", "keep_alive", "raw_headers", "released", "status")
+    __slots__ = ("_decoder", "_header_map", "_timeout", "_waiter", "buffered", "chunks_in", "complete", "conn",
+                 "content_type", "error", "framed", "got_bytes", "keep_alive", "raw_headers", "released", "status")
 
     def __init__(self, conn: _Connection, read_timeout: float | None) -> None:
         self.conn = conn
         self.status = 0
-        self.headers: dict[str, str] = {}
+        self.content_type: str | None = None  # the answer's Content-Type, without building ``headers``
+        self._header_map: dict[str, str] | None = None
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.chunks_in: list[bytes] = []
         self.buffered = 0
@@ -198,23 +203,49 @@ class Response:
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Every header by lower-case name (repeated ones joined by ", "); built when first asked for:
+        the gateway's relay needs only what :meth:`on_headers_complete` reads."""
+        headers = self._header_map
+        if headers is None:
+            headers = self._header_map = {}
+            for name, value in self.raw_headers:
+                key = name.decode("latin-1").lower()
+                text = value.decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        return headers
+
     def on_headers_complete(self) -> None:
         parser = self.conn.parser
         assert parser is not None
         self.status = parser.get_status_code()
         self.keep_alive = parser.should_keep_alive()
-        headers = self.headers
-        for name, value in self.raw_headers:
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        if "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", ""):
+        framed = False
+        encoding = b""
+        content_type: bytes | None = None
+        for name, value in self.raw_headers:  # only the headers this client acts on (framing, encoding)
+            if len(name) in _SIZES_READ:
+                name = name.lower()
+                if name == b"content-length":
+                    framed = True
+                elif name == b"transfer-encoding":
+                    framed = framed or b"chunked" in value
+                elif name == b"content-encoding":
+                    encoding = encoding + b", " + value if encoding else value
+                elif name == b"content-type":
+                    content_type = value if content_type is None else content_type + b", " + value
+        if content_type is not None:
+            self.content_type = content_type.decode("latin-1")
+        if not framed:
             self.framed = self.status < 200 or self.status in (204, 304)
-        encoding = headers.get("content-encoding", "").strip().lower()
-        if encoding in _ENCODINGS:
-            self._decoder = zlib.decompressobj(_ENCODINGS[encoding])
+        if encoding:
+            wbits = _ENCODINGS.get(encoding.decode("latin-1").strip().lower())
+            if wbits is not None:
+                self._decoder = zlib.decompressobj(wbits)
         if 100 <= self.status < 200:  # an interim answer (100 Continue): wait for the real one
-            self.status, self.raw_headers, self.headers, self._decoder = 0, [], {}, None
+            self.status, self.raw_headers, self._header_map, self._decoder = 0, [], None, None
+            self.content_type, self.framed = None, True
             return
         self._wake()
 
@@ -254,10 +285,11 @@ class Response:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self) -> None:
-        """Until the parser wakes us, or ``read_timeout`` (TimeoutError). Not a ``call_later`` and a ``cancel``
-        per wait (two per request, ~2 µs): the connection's one timer, armed at the first wait's deadline,
-        finds a later deadline when it fires early and waits again for that one."""
+    def _wait(self) -> asyncio.Future[None]:
+        """A future the parser completes when it has news, or set to TimeoutError after ``read_timeout``:
+        awaited by the caller, then :meth:`_waited` (a plain function and a future, not a coroutine per wait).
+        Not a ``call_later`` and a ``cancel`` per wait (two per request, ~2 µs): the connection's one timer,
+        armed at the first wait's deadline, finds a later deadline when it fires early and waits again."""
         conn = self.conn
         loop = conn.loop
         waiter = self._waiter = loop.create_future()
@@ -268,17 +300,11 @@ class Response:
             elif conn.timer_at > conn.deadline:  # a shorter timeout than the wait it was armed for
                 conn.timer.cancel()
                 conn._arm()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            conn.deadline = 0.0
+        return waiter
 
-    async def _headers(self) -> None:
-        while not self.status and self.error is None:
-            await self._wait()
-        if self.error is not None and not self.status:
-            raise self.error
+    def _waited(self) -> None:
+        self._waiter = None
+        self.conn.deadline = 0.0
 
     def _take(self) -> list[bytes]:
         chunks, self.chunks_in, self.buffered = self.chunks_in, [], 0
@@ -304,7 +330,10 @@ class Response:
                     break
                 if self.error is not None:
                     raise self.error
-                await self._wait()
+                try:
+                    await self._wait()
+                finally:
+                    self._waited()
         except BaseException:
             self.close()
             raise
@@ -324,7 +353,10 @@ class Response:
                     break
                 if self.error is not None:
                     raise self.error
-                await self._wait()
+                try:
+                    await self._wait()
+                finally:
+                    self._waited()
         except BaseException:
             self.close()
             raise
@@ -363,6 +395,24 @@ class _Pool:
         self.idle: list[_Connection] = []
         self.in_use = 0
         self.waiters: list[asyncio.Future[None]] = []
+
+    def take(self) -> _Connection | None:
+        """An idle connection and a slot without waiting (no coroutine: the usual case); None if there is
+        none to reuse or no slot free (then :meth:`acquire`)."""
+        if self.in_use >= self.client.max_connections:
+            return None
+        idle = self.idle
+        if idle:
+            limit = time.monotonic() - self.client.idle_seconds
+            while idle:
+                conn = idle.pop()
+                if conn.closed or conn.idle_since < limit or conn.transport is None or conn.transport.is_closing():
+                    conn.close()
+                    continue
+                conn.reused = True
+                self.in_use += 1
+                return conn
+        return None
 
     async def acquire(self, connect_timeout: float | None, fresh: bool) -> _Connection:
         if self.in_use >= self.client.max_connections:
@@ -441,6 +491,17 @@ class _Pool:
         self.idle.clear()
 
 
+class Prepared:
+    """A request's pool and its head up to the framing headers, encoded (:meth:`HttpClient.prepare`)."""
+
+    __slots__ = ("head", "pool", "sends_length")
+
+    def __init__(self, pool: _Pool, head: bytes, sends_length: bool) -> None:
+        self.pool = pool
+        self.head = head
+        self.sends_length = sends_length  # POST, PUT, PATCH: "content-length: 0" without a body
+
+
 def _check(text: str) -> str:
     if "\r" in text or "\n" in text:
         raise InvalidHeader("a header name or value holds a line break")
@@ -494,13 +555,9 @@ class HttpClient:
             pool = self._pools[key] = _Pool(self, scheme, host, port)
         return pool, target
 
-    async def request(self, method: str, url: str, headers: dict[str, str] | None = None,
-                      body: bytes | AsyncIterable[bytes] | None = None, *, connect_timeout: float | None = None,
-                      read_timeout: float | None = None) -> Response:
-        """Send a request; return once the answer's status and headers are in.
-
-        Raises TimeoutError (connecting, or waiting ``read_timeout`` for the answer) or HttpClientError.
-        """
+    def prepare(self, method: str, url: str, headers: dict[str, str] | None = None) -> Prepared:
+        """The request line and headers, checked and encoded once: :meth:`send` adds only the framing.
+        A prepared request belongs to this client and is void once the client is closed."""
         pool, target = self._pool(url)
         lines = [f"{method} {target} HTTP/1.1\r\nhost: {pool.host_header}\r\n"]
         has_agent = False
@@ -512,32 +569,56 @@ class HttpClient:
             has_agent = has_agent or lower == "user-agent"
         if not has_agent:
             lines.append(f"user-agent: {self.user_agent}\r\n")
-        streamed = body is not None and not isinstance(body, bytes | bytearray | memoryview)
+        return Prepared(pool, "".join(lines).encode("latin-1"), method in ("POST", "PUT", "PATCH"))
+
+    async def request(self, method: str, url: str, headers: dict[str, str] | None = None,
+                      body: bytes | AsyncIterable[bytes] | None = None, *, connect_timeout: float | None = None,
+                      read_timeout: float | None = None) -> Response:
+        """Send a request; return once the answer's status and headers are in (see :meth:`send`)."""
+        return await self.send(self.prepare(method, url, headers), body, connect_timeout=connect_timeout,
+                               read_timeout=read_timeout)
+
+    async def send(self, prepared: Prepared, body: bytes | AsyncIterable[bytes] | None = None, *,
+                   connect_timeout: float | None = None, read_timeout: float | None = None) -> Response:
+        """Send a prepared request with this body; return once the answer's status and headers are in.
+
+        Raises TimeoutError (connecting, or waiting ``read_timeout`` for the answer) or HttpClientError.
+        """
+        pool, head = prepared.pool, prepared.head
+        streamed = body is not None and type(body) is not bytes and not isinstance(body, bytearray | memoryview)
         if streamed:
-            lines.append("transfer-encoding: chunked\r\n\r\n")
+            head += b"transfer-encoding: chunked\r\n\r\n"
         elif body:
-            lines.append(f"content-length: {len(body)}\r\n\r\n")  # type: ignore[arg-type]
-        elif method in ("POST", "PUT", "PATCH"):
-            lines.append("content-length: 0\r\n\r\n")
+            head += b"content-length: %d\r\n\r\n" % len(body)  # type: ignore[arg-type]
+        elif prepared.sends_length:
+            head += b"content-length: 0\r\n\r\n"
         else:
-            lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")
+            head += b"\r\n"
         retried = False
         while True:
-            conn = await pool.acquire(connect_timeout, fresh=retried)
+            conn = None if retried else pool.take()
+            if conn is None:
+                conn = await pool.acquire(connect_timeout, fresh=retried)
             response = Response(conn, read_timeout)
             conn.response = response
             conn.parser = httptools.HttpResponseParser(response)
             try:
-                assert conn.transport is not None
+                transport = conn.transport
+                assert transport is not None
                 if streamed:
-                    conn.transport.write(head)
+                    transport.write(head)
                     await self._send_chunked(conn, body)  # type: ignore[arg-type]
                 elif body:
-                    conn.transport.writelines((head, body))  # type: ignore[arg-type]
+                    transport.writelines((head, body))  # type: ignore[arg-type]
                 else:
-                    conn.transport.write(head)
-                await response._headers()
+                    transport.write(head)
+                while not response.status:
+                    if response.error is not None:
+                        raise response.error
+                    try:
+                        await response._wait()
+                    finally:
+                        response._waited()
                 return response
             except ConnectionLost:
                 stale = conn.reused and not response.got_bytes and not streamed and not retried

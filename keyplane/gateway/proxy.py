@@ -20,7 +20,7 @@ from keyplane.domain.errors import KeyplaneError, invalid_request
 from keyplane.gateway import budget
 from keyplane.gateway.asgi import ClientLeft, Receive, Scope, Send, relay_until_client_leaves, send_json
 from keyplane.gateway.enforce import Admission
-from keyplane.gateway.http_client import HttpClient, HttpClientError, Response
+from keyplane.gateway.http_client import HttpClient, HttpClientError, Prepared, Response
 from keyplane.gateway.model_name import recorded_model
 from keyplane.gateway.wire import ANTHROPIC, ANTHROPIC_VERSION, APIS, Api, Tokens, UsageReader
 from keyplane.runtime.response_owners import ResponseOwners, SharedResponseOwners
@@ -119,6 +119,49 @@ def _query(scope: Scope | None) -> str:
     return "?" + raw.decode("latin-1") if raw else ""
 
 
+def _forwarded(api: Api, scope: Scope | None) -> tuple[tuple[bytes, bytes], ...]:
+    """The client's headers this API passes on (anthropic-version, anthropic-beta), as they came."""
+    if scope is None or not api.forwarded_headers:
+        return ()
+    names = api.forwarded_headers
+    return tuple([(name, value) for name, value in scope["headers"] if name in names])
+
+
+def _unreachable(route: Route, exc: HttpClientError) -> KeyplaneError:
+    return KeyplaneError(502, "upstream_error", f"Could not reach provider '{route.provider}': {exc}")
+
+
+def _parse_request(admission: Admission, body: bytes, outcome: Outcome) -> tuple[dict[str, Any], str]:
+    """The request's JSON object and the model it names, or the refusal (400, 403)."""
+    try:
+        request = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        raise invalid_request("The request body is not valid JSON") from None
+    if not isinstance(request, dict):
+        raise invalid_request("The request body must be a JSON object")
+    model = request.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid_request("'model' is required", param="model")
+    outcome.model = recorded_model(model)
+    allowed = admission.key.allowed_models
+    if allowed and model not in allowed:
+        raise KeyplaneError(403, "model_not_allowed", f"This key may not use model '{model}'",
+                            extra={"allowed_models": list(allowed)})
+    return request, model
+
+
+def _route_in(routes: dict[str, Route], model: str, outcome: Outcome, api: Api) -> Route:
+    route = routes.get(model)
+    if route is None:
+        raise KeyplaneError(404, "not_found", f"No provider serves model '{model}'", extra={"param": "model"})
+    outcome.provider = route.provider
+    if route.kind != api.provider_kind:
+        raise invalid_request(f"Model '{model}' is served by provider '{route.provider}' of kind '{route.kind}', "
+                              f"which does not speak this API: it needs a provider of kind "
+                              f"'{api.provider_kind}'", param="model")
+    return route
+
+
 class Upstream:
     """One pooled HTTP client for every provider: connections are kept alive and reused per upstream.
 
@@ -129,6 +172,9 @@ class Upstream:
     def __init__(self, kp: Keyplane) -> None:
         self.kp = kp
         self._client: HttpClient | None = None
+        # The encoded request head per (route, path, stream, query, forwarded headers): the same bytes for
+        # every request of a route but the framing (HttpClient.prepare). Holds the Route, so its id stays its.
+        self._heads: dict[tuple[Any, ...], tuple[Route, Prepared]] = {}
         # Answers stored upstream that a key may read back (GET /v1/responses/{id}).
         self.stored_responses = (ResponseOwners() if kp.shared is None else SharedResponseOwners(kp.shared))
 
@@ -138,41 +184,37 @@ class Upstream:
         return self._client
 
     async def close(self) -> None:
+        self._heads.clear()  # prepared requests belong to the client
         if self._client is not None:
             await self._client.close()
             self._client = None
 
-    async def route_for(self, admission: Admission, body: bytes, outcome: Outcome,
-                        api: Api | None = None) -> tuple[Route, dict[str, Any]]:
-        try:
-            request = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            raise invalid_request("The request body is not valid JSON") from None
-        if not isinstance(request, dict):
-            raise invalid_request("The request body must be a JSON object")
-        model = request.get("model")
-        if not isinstance(model, str) or not model:
-            raise invalid_request("'model' is required", param="model")
-        outcome.model = recorded_model(model)
-        allowed = admission.key.allowed_models
-        if allowed and model not in allowed:
-            raise KeyplaneError(403, "model_not_allowed", f"This key may not use model '{model}'",
-                                extra={"allowed_models": list(allowed)})
-        route = (await self.kp.routes_for(admission.key.org_id)).get(model)
-        if route is None:
-            raise KeyplaneError(404, "not_found", f"No provider serves model '{model}'", extra={"param": "model"})
-        outcome.provider = route.provider
-        if api is not None and route.kind != api.provider_kind:
-            raise invalid_request(f"Model '{model}' is served by provider '{route.provider}' of kind '{route.kind}', "
-                                  f"which does not speak this API: it needs a provider of kind "
-                                  f"'{api.provider_kind}'", param="model")
-        return route, request
+    def prepared(self, method: str, api: Api, route: Route, tail: str, scope: Scope | None,
+                 stream: bool) -> Prepared:
+        """The upstream request's line and headers for ``route.base_url + tail``, encoded once per route
+        (HttpClient.prepare): only the framing is added per request. Raises HttpClientError (a bad URL)."""
+        query = scope.get("query_string", b"") if scope is not None else b""
+        slot = (id(route), tail, stream, query, _forwarded(api, scope))
+        held = self._heads.get(slot)
+        if held is not None and held[0] is route:
+            return held[1]
+        prepared = self.client().prepare(method, route.base_url + tail + _query(scope),
+                                         _upstream_headers(api, route, scope, stream))
+        if len(self._heads) >= 1024:  # bounded: the query and the forwarded headers come from clients
+            self._heads.clear()
+        self._heads[slot] = (route, prepared)
+        return prepared
 
     async def forward(self, admission: Admission, path: str, body: bytes, receive: Receive, send: Send,
                       outcome: Outcome, scope: Scope | None = None) -> None:
         api = APIS[path]
-        route, request = await self.route_for(admission, body, outcome, api)
-        outcome.route = route
+        request, model = _parse_request(admission, body, outcome)
+        org_id = admission.key.org_id
+        # The organization's table as Keyplane.routes_for keeps it: no coroutine once it is loaded.
+        routes = self.kp.routes.get(org_id)
+        if routes is None:
+            routes = await self.kp.routes_for(org_id)
+        route = outcome.route = _route_in(routes, model, outcome, api)
         changed = False
         if admission.key.spend_limits and api.metered:
             reserved = self.reserve_now(admission, api, request, len(body), route, outcome)
@@ -190,7 +232,10 @@ class Upstream:
         if changed:
             body = orjson.dumps(request)
         reader = UsageReader(api)
-        url = route.base_url + path[len("/v1"):] + _query(scope)
+        try:
+            prepared = self.prepared("POST", api, route, path[3:], scope, stream)  # path[3:]: without "/v1"
+        except HttpClientError as exc:
+            raise _unreachable(route, exc) from None
         store = request.get("store") is not False
 
         async def before_last_byte() -> None:
@@ -198,8 +243,8 @@ class Upstream:
             if reader.response_id is not None and store:
                 await self.stored_responses.remember(reader.response_id, admission.key.id, outcome.model or "")
 
-        await self._relay("POST", url, body, _upstream_headers(api, route, scope, stream), route, admission,
-                          receive, send, outcome, reader if api.metered else None, stream, before_last_byte)
+        await self._relay(prepared, body, route, admission, receive, send, outcome, reader if api.metered else None,
+                          stream, before_last_byte)
 
     async def forward_get_response(self, admission: Admission, response_id: str, receive: Receive, send: Send,
                                    outcome: Outcome, scope: Scope | None = None) -> None:
@@ -212,8 +257,11 @@ class Upstream:
                                 extra={"param": "response_id"})
         outcome.provider, outcome.model = route.provider, model
         url = f"{route.base_url}/responses/{response_id}{_query(scope)}"
-        headers = _upstream_headers(APIS["/v1/responses"], route, scope, False)
-        await self._relay("GET", url, None, headers, route, admission, receive, send, outcome, None, False, None)
+        try:
+            prepared = self.client().prepare("GET", url, _upstream_headers(APIS["/v1/responses"], route, scope, False))
+        except HttpClientError as exc:
+            raise _unreachable(route, exc) from None
+        await self._relay(prepared, None, route, admission, receive, send, outcome, None, False, None)
 
     def reserve_now(self, admission: Admission, api: Api, request: dict[str, Any], body_len: int, route: Route,
                     outcome: Outcome) -> bool | Ask:
@@ -267,7 +315,7 @@ class Upstream:
             outcome.cost_usd = cost
         await self.kp.settle_spend(admission.key, grant, tokens, cost)
 
-    async def _relay(self, method: str, url: str, body: bytes | None, headers: dict[str, str], route: Route,
+    async def _relay(self, prepared: Prepared, body: bytes | None, route: Route,
                      admission: Admission, receive: Receive, send: Send, outcome: Outcome,
                      reader: UsageReader | None, stream: bool,
                      before_last_byte: Callable[[], Awaitable[None]] | None) -> None:
@@ -275,14 +323,13 @@ class Upstream:
         the client sees the answer end: what the client's next request must find done happens there."""
         # The timeout bounds connecting and each wait for data, not a whole (possibly long) stream.
         try:
-            response = await self.client().request(method, url, headers, body, connect_timeout=route.timeout,
-                                                   read_timeout=route.timeout)
+            response = await self.client().send(prepared, body, connect_timeout=route.timeout,
+                                                read_timeout=route.timeout)
         except TimeoutError:
             raise KeyplaneError(504, "upstream_timeout",
                                 f"Provider '{route.provider}' did not answer within {route.timeout:g} s") from None
         except HttpClientError as exc:
-            raise KeyplaneError(502, "upstream_error",
-                                f"Could not reach provider '{route.provider}': {exc}") from None
+            raise _unreachable(route, exc) from None
         try:
             if response.status >= 400:
                 raw = await response.read()
@@ -291,7 +338,7 @@ class Upstream:
                                     f"Provider '{route.provider}' answered {response.status}: "
                                     f"{upstream_message(raw, route)}",
                                     headers={"Retry-After": retry_after} if retry_after else None)
-            if stream and response.headers.get("content-type", "").startswith("text/event-stream"):
+            if stream and (response.content_type or "").startswith("text/event-stream"):
                 await self._stream(response, route, admission, receive, send, outcome, reader, before_last_byte)
             else:
                 raw = await response.read()
@@ -303,10 +350,10 @@ class Upstream:
                     outcome.meter(route, reader.tokens())
                 if before_last_byte is not None:
                     await before_last_byte()
-                content_type = response.headers.get("content-type", "application/json").encode("latin-1")
+                content_type = response.content_type
                 await send({"type": "http.response.start", "status": response.status, "headers": [
-                    (b"content-type", content_type), (b"content-length", str(len(raw)).encode()),
-                    *admission.headers]})
+                    (b"content-type", b"application/json" if content_type is None else content_type.encode("latin-1")),
+                    (b"content-length", b"%d" % len(raw)), *admission.headers]})
                 await send({"type": "http.response.body", "body": raw})
                 outcome.status = response.status
         except TimeoutError:
@@ -331,9 +378,16 @@ class Upstream:
             async for chunk in response.chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 outcome.relayed_bytes += len(chunk)
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                if reader is not None and any([_read_sse_line(line.strip(), reader) for line in lines]):
+                if reader is None:
+                    continue
+                end = chunk.rfind(b"\n")
+                if end < 0:
+                    pending += chunk
+                    continue
+                lines, pending = pending + chunk[:end], chunk[end + 1:]  # the complete lines, the rest
+                # most events carry no usage: one scan of their lines in C, not a call per line
+                if (b'"usage"' in lines or b'"response.created"' in lines) and any(
+                        [_read_sse_line(line.strip(), reader) for line in lines.split(b"\n")]):
                     outcome.meter(route, reader.tokens())
             outcome.stream_done = True
             if before_last_byte is not None:

@@ -18,7 +18,7 @@ for every API; ``cache_write``/``cache_read`` are the parts of it billed at the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from keyplane.domain.errors import KeyplaneError
 
@@ -28,12 +28,18 @@ PROVIDER_KINDS = (OPENAI, ANTHROPIC)
 ANTHROPIC_VERSION = "2023-06-01"  # sent when a client names none: the Messages API requires the header
 
 
-@dataclass(frozen=True, slots=True)
-class Tokens:
+class Tokens(NamedTuple):  # a tuple, not a frozen dataclass: one per answer, built by _tokens (~0.15 µs, not 1)
     input: int = 0
     output: int = 0
     cache_write: int = 0
     cache_read: int = 0
+
+
+def _tokens(values: tuple[int, int, int, int]) -> Tokens:
+    return _new_tuple(Tokens, values)  # type: ignore[no-any-return]
+
+
+_new_tuple = tuple.__new__  # Tokens(...) runs NamedTuple's __new__ in Python; this is the same tuple, in C
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,24 +74,22 @@ _RESPONSE_DONE = frozenset({"response.completed", "response.incomplete", "respon
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return value if type(value) is int and value > 0 else 0  # JSON's integers: never a bool
 
 
 def openai_tokens(usage: dict[str, Any]) -> Tokens:
     """Chat/Completions/Embeddings (``prompt_tokens``…) and Responses (``input_tokens``…) usage objects."""
     details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
     cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    return Tokens(input=_int(usage.get("prompt_tokens")) or _int(usage.get("input_tokens")),
-                  output=_int(usage.get("completion_tokens")) or _int(usage.get("output_tokens")),
-                  cache_read=cached)
+    return _tokens((_int(usage.get("prompt_tokens")) or _int(usage.get("input_tokens")),
+                    _int(usage.get("completion_tokens")) or _int(usage.get("output_tokens")), 0, cached))
 
 
 def anthropic_tokens(usage: dict[str, Any]) -> Tokens:
     """Anthropic's ``input_tokens`` excludes the cached part; keyplane's ``input`` includes it."""
     write = _int(usage.get("cache_creation_input_tokens"))
     read = _int(usage.get("cache_read_input_tokens"))
-    return Tokens(input=_int(usage.get("input_tokens")) + write + read, output=_int(usage.get("output_tokens")),
-                  cache_write=write, cache_read=read)
+    return _tokens((_int(usage.get("input_tokens")) + write + read, _int(usage.get("output_tokens")), write, read))
 
 
 class UsageReader:
