@@ -165,13 +165,21 @@ class SpendLedger:
     def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask, now: float | None = None,
                 seeded_only: bool = False) -> Grant | Exhausted | None:
         """All or nothing over every limited window of ``limited``: what the tightest window still pays for
-        (the rule of :func:`afford`, written out: this runs on every budgeted request). ``seeded_only``:
-        None, with nothing changed, when a bucket is not seeded yet (LocalSpend.reserve_now)."""
+        (the rule of :func:`afford`). ``seeded_only``: None, with nothing changed, when a bucket is not seeded
+        yet (LocalSpend.reserve_now)."""
+        return self.reserve_worst(limited, ask.prompt_tokens, ask.prompt_usd, ask.output_tokens,
+                                  ask.output_usd_per_token, ask.clamp, now, seeded_only)
+
+    def reserve_worst(self, limited: tuple[tuple[str, Limits], ...], ptok: int, pusd: float, wanted: int,
+                      price: float, clamp: bool, now: float | None = None,
+                      seeded_only: bool = False) -> Grant | Exhausted | None:
+        """:meth:`reserve` of an :class:`Ask`'s fields (``ptok``: prompt tokens, ``pusd``: prompt USD,
+        ``wanted``: output tokens wanted, ``price``: USD per output token), written out over the windows:
+        this runs on every budgeted request, and the gateway's embedded path builds no ``Ask`` for it."""
         now = time.time() if now is None else now
         second, found = _last_windows  # windows(now), without the call in the same second
         minute, day, month = found if second == int(now) else windows(now)
-        ptok, pusd, price = ask.prompt_tokens, ask.prompt_usd, ask.output_usd_per_token
-        best = ask.output_tokens
+        best = wanted
         binding: tuple[str, float, float] | None = None
         buckets = self._buckets
         for bucket, limits in limited:
@@ -210,7 +218,7 @@ class SpendLedger:
                     fits = room / price + 1e-9
                     if fits < best:
                         best, binding = int(fits), ("budget_per_month_usd", limit, used)
-        if binding is not None and (not ask.clamp or best < 1):
+        if binding is not None and (not clamp or best < 1):
             return _exhausted(*binding, now)
         tokens = ptok + best
         usd = pusd + best * price
@@ -295,6 +303,9 @@ class LocalSpend:
 
     def __init__(self, spent_so_far: Callable[[str], Awaitable[tuple[float, float]]]) -> None:
         self.ledger = SpendLedger()
+        # The ledger a caller may reserve in and settle to without an ``await`` (the gateway, once a bucket is
+        # seeded): this one. SharedSpend's is None: its windows are in Redis.
+        self.sync_ledger: SpendLedger | None = self.ledger
         self.spent_so_far = spent_so_far
 
     async def _seed(self, limited: tuple[tuple[str, Limits], ...]) -> None:
