@@ -90,15 +90,6 @@ def _is_reasoning_name(model: str) -> bool:
     return _REASONING_MODEL.fullmatch(model.rsplit("/", 1)[-1]) is not None
 
 
-def bound_field(api: Api, request: dict[str, Any]) -> str:
-    """The field that bounds this request's output when it names none (see the module's docstring)."""
-    if "max_completion_tokens" in api.output_fields:
-        model = request.get("model")  # is_reasoning_model, one call fewer
-        if isinstance(model, str) and _is_reasoning_name(model):
-            return "max_completion_tokens"
-    return api.output_fields[0]
-
-
 # '"field":' for each output bound field: the start of the member spliced into a body that names none
 _MEMBER = {name: b'"' + name.encode() + b'":' for name in ("max_tokens", "max_completion_tokens", "max_output_tokens")}
 
@@ -106,13 +97,18 @@ _MEMBER = {name: b'"' + name.encode() + b'":' for name in ("max_tokens", "max_co
 def apply_allowance(api: Api, request: dict[str, Any], granted: int, named: int, choices: int
                     ) -> tuple[int, bytes | None]:
     """Write the granted output bound (``granted`` is for all choices together) into the request: every bound
-    field it named is lowered; when it named none, :func:`bound_field` is set. ``named``, ``choices``: what
+    field it named is lowered; when it named none, the field the model takes is set. ``named``, ``choices``: what
     :func:`worst_case` read. Returns the bound now in effect per choice (the first named field's, or the one
     set), and, when the field set was absent from the request (not null, not 0: absent), the JSON member that
     sets it (``"max_tokens":N,``), which the gateway splices into the body as sent instead of re-encoding it."""
     per_choice = (granted if choices == 1 else granted // choices) or 1
-    if not named:  # nothing to lower: set the one field
-        field = bound_field(api, request)
+    if not named:  # nothing to lower: set the one field, chosen by model family (the module's docstring)
+        fields = api.output_fields
+        field = fields[0]
+        if "max_completion_tokens" in fields:
+            model = request.get("model")
+            if isinstance(model, str) and _is_reasoning_name(model):
+                field = "max_completion_tokens"
         absent = field not in request
         request[field] = per_choice
         return per_choice, (b"%b%d," % (_MEMBER[field], per_choice) if absent and field in _MEMBER else None)
