@@ -62,13 +62,16 @@ def worst_case(api: Api, request: dict[str, Any], body_len: int, route: Route, k
         return prompt_tokens, prompt_tokens * prompt_price, 0, 0.0, clamp, 0, 1
     named = 0  # the smallest bound the request names (a positive int; type() is, not isinstance:
     # True is an int to isinstance, and a bound of True is no bound)
-    for name in fields:
-        value = request.get(name)
-        if type(value) is int and value > 0 and (not named or value < named):
-            named = value
-    choices = request.get("n", 1)
-    if type(choices) is not int or choices < 1:  # n: a positive int, else one choice
-        choices = 1
+    if not request.keys().isdisjoint(fields):  # one C call where it names none
+        for name in fields:
+            value = request.get(name)
+            if type(value) is int and value > 0 and (not named or value < named):
+                named = value
+    choices = 1
+    if "n" in request:
+        choices = request["n"]
+        if type(choices) is not int or choices < 1:  # n: a positive int, else one choice
+            choices = 1
     return (prompt_tokens, prompt_tokens * prompt_price, (named or default_allowance) * choices,
             route.output_per_mtok / 1e6, clamp, named, choices)
 

@@ -253,8 +253,16 @@ class SpendLedger:
                 c.held_usd -= held_usd
                 if c.held_tokens <= 0 and c.held_usd <= 1e-12:  # no float dust left behind
                     c.held_tokens, c.held_usd = 0, 0.0
-        if tokens or cost_usd:
-            self.add(buckets, tokens, cost_usd)
+        if tokens or cost_usd:  # self.add(buckets, tokens, cost_usd), written out: one call fewer per request
+            now = time.time()
+            minute = int(now // 60)
+            for bucket in buckets:
+                c = self._buckets.get(bucket) or self._counters(bucket, now)
+                if c.minute != minute:
+                    _roll(c, now)
+                c.tokens += tokens
+                c.day_usd += cost_usd
+                c.month_usd += cost_usd
 
     def release(self, grant: Grant) -> None:
         for bucket in grant.buckets:
