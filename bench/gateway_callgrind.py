@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--paired", action="store_true",
                         help="the key without and the key with a budget, alternating in one process")
     parser.add_argument("--rounds", type=int, default=1, help="samples per key (pairs with --paired)")
+    parser.add_argument("--pymalloc", action="store_true",
+                        help="Python's own allocator, as keyplane serve runs (default: PYTHONMALLOC=malloc, glibc's, "
+                             "which costs ~2x per allocation: figures comparable with earlier runs)")
     parser.add_argument("--keep", type=Path, help="copy the callgrind dumps here (callgrind_annotate them)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +72,9 @@ def main() -> None:
         up_port, kp_port = free_port(), free_port()
         upstream_url = f"http://127.0.0.1:{up_port}"
         key, budgeted = asyncio.run(seed(work / "home", upstream_url))
-        env = {**os.environ, "KEYPLANE_HOME": str(work / "home"), "PYTHONMALLOC": "malloc"}
+        env = {**os.environ, "KEYPLANE_HOME": str(work / "home")}
+        if not args.pymalloc:
+            env["PYTHONMALLOC"] = "malloc"
         upstream = Pinned("1", uvicorn_cmd("bench.fake_upstream:app", up_port), env, work / "up.log")
         out = work / "callgrind.out"
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",

@@ -93,8 +93,28 @@ def _is_reasoning_name(model: str) -> bool:
     return _REASONING_MODEL.fullmatch(model.rsplit("/", 1)[-1]) is not None
 
 
-# '"field":' for each output bound field: the start of the member spliced into a body that names none
-_MEMBER = {name: b'"' + name.encode() + b'":' for name in ("max_tokens", "max_completion_tokens", "max_output_tokens")}
+# Per output bound field, bound -> the JSON member spliced into a body that names none ('"max_tokens":N,'),
+# and bound -> its digits (the clamp header's value): formatted once per value, not per request (a bound is
+# the default allowance, or what a nearly spent budget leaves). Bounded: cleared when full.
+_MEMBERS: dict[str, dict[int, bytes]] = {name: {} for name in ("max_tokens", "max_completion_tokens",
+                                                                "max_output_tokens")}
+DIGITS: dict[int, bytes] = {}
+
+
+def digits(n: int) -> bytes:
+    """``b"%d" % n``, remembered (read ``DIGITS.get(n)`` first: no call where it is there)."""
+    if len(DIGITS) >= 4096:
+        DIGITS.clear()
+    found = DIGITS[n] = b"%d" % n
+    return found
+
+
+def _member(field: str, n: int) -> bytes:
+    members = _MEMBERS[field]
+    if len(members) >= 4096:
+        members.clear()
+    found = members[n] = b'"%b":%d,' % (field.encode(), n)
+    return found
 
 
 def apply_allowance(api: Api, request: dict[str, Any], granted: int, named: int, choices: int
@@ -114,7 +134,9 @@ def apply_allowance(api: Api, request: dict[str, Any], granted: int, named: int,
                 field = "max_completion_tokens"
         absent = field not in request
         request[field] = per_choice
-        return per_choice, (b"%b%d," % (_MEMBER[field], per_choice) if absent and field in _MEMBER else None)
+        if not absent or field not in _MEMBERS:
+            return per_choice, None
+        return per_choice, _MEMBERS[field].get(per_choice) or _member(field, per_choice)
     bound = 0
     for field in api.output_fields:
         value = request.get(field)

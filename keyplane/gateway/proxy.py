@@ -389,7 +389,7 @@ def _granted(admission: Admission, api: Api, request: dict[str, Any], wanted: in
         return False
     bound, member = budget.apply_allowance(api, request, granted.output_tokens, named, choices)
     # a fresh list per request (enforce.Admission): appended to in place
-    admission.headers.append((budget.CLAMPED_HEADER, b"%d" % bound))
+    admission.headers.append((budget.CLAMPED_HEADER, budget.DIGITS.get(bound) or budget.digits(bound)))
     return member or True
 
 

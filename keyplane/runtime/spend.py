@@ -49,7 +49,7 @@ def windows(now: float) -> tuple[int, str, str]:
     if _last_windows[0] == second:
         return _last_windows[1]
     t = time.gmtime(now)
-    found = (int(now // 60), time.strftime("%Y-%m-%d", t), time.strftime("%Y-%m", t))
+    found = (int(now) // 60, time.strftime("%Y-%m-%d", t), time.strftime("%Y-%m", t))
     _last_windows = (second, found)
     return found
 
@@ -178,7 +178,7 @@ class SpendLedger:
         ``wanted``: output tokens wanted, ``price``: USD per output token), written out over the windows:
         this runs on every budgeted request, and the gateway's embedded path builds no ``Ask`` for it."""
         now = time.time() if now is None else now
-        minute = int(now // 60)
+        minute = int(now) // 60  # windows(now)[0], without a float floor division
         best = wanted
         binding: tuple[str, float, float] | None = None
         buckets = self._buckets
@@ -255,7 +255,7 @@ class SpendLedger:
                     c.held_tokens, c.held_usd = 0, 0.0
         if tokens or cost_usd:  # self.add(buckets, tokens, cost_usd), written out: one call fewer per request
             now = time.time()
-            minute = int(now // 60)
+            minute = int(now) // 60
             for bucket in buckets:
                 c = self._buckets.get(bucket) or self._counters(bucket, now)
                 if c.minute != minute:
@@ -292,7 +292,7 @@ class SpendLedger:
         if not tokens and not cost_usd:
             return
         now = time.time() if now is None else now
-        minute = int(now // 60)
+        minute = int(now) // 60
         for bucket in buckets:
             c = self._buckets.get(bucket) or self._counters(bucket, now)
             if c.minute != minute:
