@@ -79,7 +79,8 @@ def main() -> None:
     piece("reserve_settle", reserve_settle)
     piece("add", lambda: drive(spend.add(key.spend_buckets, 10, 0.0)))
     piece("dict_copy", lambda: dict(request))
-    piece("apply_allowance_with_dict_copy", lambda: budget.apply_allowance(api, dict(request), 4000, ask))
+    piece("apply_allowance_with_dict_copy",
+          lambda: budget.apply_allowance(api, dict(request), 4000, ask.named, ask.choices))
     piece("dumps", lambda: orjson.dumps(clamped))
     piece("grant", lambda: Grant(5, ("k1",), 10, 0.1, 100))
     piece("windows", lambda: windows(time.time()))

@@ -59,7 +59,7 @@ class FakeUpstream:
         raw = await request.body()
         body = json.loads(raw)
         self.raw_lengths[id(body)] = len(raw)
-        self.requests.append({"path": request.url.path, "headers": dict(request.headers), "body": body,
+        self.requests.append({"path": request.url.path, "headers": dict(request.headers), "body": body, "raw": raw,
                               "client_port": request.client.port if request.client else None})
         return body
 

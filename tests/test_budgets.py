@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -152,6 +153,33 @@ async def test_output_is_clamped_to_what_the_budget_covers(
     assert fake.requests[-1]["body"]["max_tokens"] == MAX_TOKENS
     too_long = await client.post(CHAT, json={**BODY, "max_tokens": 100_000}, headers=bearer(fresh))
     assert too_long.status_code == 200 and 150 <= fake.requests[-1]["body"]["max_tokens"] <= 200
+
+
+async def test_a_bound_the_request_did_not_name_is_spliced_into_the_body_as_sent(
+    client: httpx.AsyncClient, admin: dict[str, str], provider: None, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """Naming no bound, the upstream gets the client's bytes with ``"max_tokens":N,`` after the opening brace
+    (no re-encoding of the whole request); where the field is there as null, or a stream asks for usage too,
+    the request is re-encoded. Every time the upstream reads valid JSON with the bound in it."""
+    fake, _ = upstream
+    profile = await make_profile(client, admin, "splicing", cost_per_day_usd=10.0)  # the default allowance fits
+    _, secret = await create_key(client, admin, limit_profile=profile)
+    headers = {**bearer(secret), "content-type": "application/json"}
+    unbounded = {k: v for k, v in BODY.items() if k != "max_tokens"}
+    for lead in (b"", b" \r\n\t"):
+        raw = lead + json.dumps(unbounded, indent=2).encode()  # spaces and newlines, as a client wrote them
+        resp = await client.post(CHAT, content=raw, headers=headers)
+        assert resp.status_code == 200, resp.text
+        bound = int(resp.headers["x-keyplane-max-tokens-clamped"])
+        sent = fake.requests[-1]
+        assert sent["body"] == {**unbounded, "max_tokens": bound}
+        assert sent["raw"] == lead + b'{"max_tokens":%d,' % bound + raw[len(lead) + 1:]
+    for body, extra in (({**unbounded, "max_tokens": None}, {}),  # a member spliced first would lose to the null
+                        ({**unbounded, "stream": True}, {"stream_options": {"include_usage": True}})):
+        resp = await client.post(CHAT, json=body, headers=headers)
+        assert resp.status_code == 200, resp.text
+        bound = int(resp.headers["x-keyplane-max-tokens-clamped"])
+        assert bound > 0 and fake.requests[-1]["body"] == {**body, **extra, "max_tokens": bound}
 
 
 async def test_clamping_lowers_the_field_the_model_accepts(

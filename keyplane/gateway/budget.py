@@ -36,9 +36,19 @@ CLAMPED_HEADER = b"x-keyplane-max-tokens-clamped"
 _REASONING_MODEL = re.compile(r"(o[1-9]\d*|gpt-5)([-.:_].*)?", re.IGNORECASE)
 
 
+Worst = tuple[int, float, int, float, bool, int, int]  # an Ask's fields, in its order
+
+
 def ask_for(api: Api, request: dict[str, Any], body_len: int, route: Route, key: KeySnapshot,
             bytes_per_token: float, default_allowance: int) -> Ask:
     """The request's worst case; ``named`` on it: the smallest output bound the request names (0: none)."""
+    return Ask(*worst_case(api, request, body_len, route, key, bytes_per_token, default_allowance))
+
+
+def worst_case(api: Api, request: dict[str, Any], body_len: int, route: Route, key: KeySnapshot,
+               bytes_per_token: float, default_allowance: int) -> Worst:
+    """:func:`ask_for`'s fields as a tuple (prompt tokens, prompt USD, output tokens wanted, USD per output
+    token, clamp, named, choices): the gateway's embedded path reserves from them without building an Ask."""
     prompt_tokens = math.ceil(body_len / bytes_per_token) or 1
     write = route.cache_write_per_mtok  # the dearer of the input and cache-write prices
     prompt_price = (write if write is not None and write > route.input_per_mtok else route.input_per_mtok) / 1e6
@@ -49,18 +59,21 @@ def ask_for(api: Api, request: dict[str, Any], body_len: int, route: Route, key:
             break
     fields = api.output_fields
     if not fields:
-        return Ask(prompt_tokens, prompt_tokens * prompt_price, 0, 0.0, clamp, 1)
+        return prompt_tokens, prompt_tokens * prompt_price, 0, 0.0, clamp, 0, 1
     named = 0  # the smallest bound the request names (a positive int; type() is, not isinstance:
     # True is an int to isinstance, and a bound of True is no bound)
-    for name in fields:
-        value = request.get(name)
-        if type(value) is int and value > 0 and (not named or value < named):
-            named = value
-    choices = request.get("n", 1)
-    if type(choices) is not int or choices < 1:  # n: a positive int, else one choice
-        choices = 1
-    return Ask(prompt_tokens, prompt_tokens * prompt_price, (named or default_allowance) * choices,
-               route.output_per_mtok / 1e6, clamp, named, choices)
+    if not request.keys().isdisjoint(fields):  # one C call where it names none
+        for name in fields:
+            value = request.get(name)
+            if type(value) is int and value > 0 and (not named or value < named):
+                named = value
+    choices = 1
+    if "n" in request:
+        choices = request["n"]
+        if type(choices) is not int or choices < 1:  # n: a positive int, else one choice
+            choices = 1
+    return (prompt_tokens, prompt_tokens * prompt_price, (named or default_allowance) * choices,
+            route.output_per_mtok / 1e6, clamp, named, choices)
 
 
 def unbounded(api: Api) -> KeyplaneError:
@@ -80,24 +93,50 @@ def _is_reasoning_name(model: str) -> bool:
     return _REASONING_MODEL.fullmatch(model.rsplit("/", 1)[-1]) is not None
 
 
-def bound_field(api: Api, request: dict[str, Any]) -> str:
-    """The field that bounds this request's output when it names none (see the module's docstring)."""
-    if "max_completion_tokens" in api.output_fields:
-        model = request.get("model")  # is_reasoning_model, one call fewer
-        if isinstance(model, str) and _is_reasoning_name(model):
-            return "max_completion_tokens"
-    return api.output_fields[0]
+# Per output bound field, bound -> the JSON member spliced into a body that names none ('"max_tokens":N,'),
+# and bound -> its digits (the clamp header's value): formatted once per value, not per request (a bound is
+# the default allowance, or what a nearly spent budget leaves). Bounded: cleared when full.
+_MEMBERS: dict[str, dict[int, bytes]] = {name: {} for name in ("max_tokens", "max_completion_tokens",
+                                                                "max_output_tokens")}
+DIGITS: dict[int, bytes] = {}
 
 
-def apply_allowance(api: Api, request: dict[str, Any], granted: int, ask: Ask) -> int:
+def digits(n: int) -> bytes:
+    """``b"%d" % n``, remembered (read ``DIGITS.get(n)`` first: no call where it is there)."""
+    if len(DIGITS) >= 4096:
+        DIGITS.clear()
+    found = DIGITS[n] = b"%d" % n
+    return found
+
+
+def _member(field: str, n: int) -> bytes:
+    members = _MEMBERS[field]
+    if len(members) >= 4096:
+        members.clear()
+    found = members[n] = b'"%b":%d,' % (field.encode(), n)
+    return found
+
+
+def apply_allowance(api: Api, request: dict[str, Any], granted: int, named: int, choices: int
+                    ) -> tuple[int, bytes | None]:
     """Write the granted output bound (``granted`` is for all choices together) into the request: every bound
-    field it named is lowered; when it named none, :func:`bound_field` is set. Returns the bound now in
-    effect per choice (the first named field's, or the one set). ``ask``: :func:`ask_for`'s, for this request."""
-    choices = ask.choices
+    field it named is lowered; when it named none, the field the model takes is set. ``named``, ``choices``: what
+    :func:`worst_case` read. Returns the bound now in effect per choice (the first named field's, or the one
+    set), and, when the field set was absent from the request (not null, not 0: absent), the JSON member that
+    sets it (``"max_tokens":N,``), which the gateway splices into the body as sent instead of re-encoding it."""
     per_choice = (granted if choices == 1 else granted // choices) or 1
-    if not ask.named:  # nothing to lower: set the one field
-        request[bound_field(api, request)] = per_choice
-        return per_choice
+    if not named:  # nothing to lower: set the one field, chosen by model family (the module's docstring)
+        fields = api.output_fields
+        field = fields[0]
+        if "max_completion_tokens" in fields:
+            model = request.get("model")
+            if isinstance(model, str) and _is_reasoning_name(model):
+                field = "max_completion_tokens"
+        absent = field not in request
+        request[field] = per_choice
+        if not absent or field not in _MEMBERS:
+            return per_choice, None
+        return per_choice, _MEMBERS[field].get(per_choice) or _member(field, per_choice)
     bound = 0
     for field in api.output_fields:
         value = request.get(field)
@@ -105,4 +144,16 @@ def apply_allowance(api: Api, request: dict[str, Any], granted: int, ask: Ask) -
             if per_choice < value:
                 request[field] = value = per_choice
             bound = bound or value
-    return bound
+    return bound, None
+
+
+def splice(body: bytes, member: bytes) -> bytes | None:
+    """``body`` (a JSON object with at least one member: the request's model) with ``member`` (from
+    :func:`apply_allowance`) inserted right after its opening brace, the rest byte for byte as sent; None when
+    the body does not start with ``{`` (after JSON whitespace): then the request is re-encoded."""
+    if body[:1] == b"{":
+        return b"{" + member + body[1:]
+    start = len(body) - len(body.lstrip(b" \t\r\n"))
+    if body[start:start + 1] != b"{":
+        return None
+    return body[:start + 1] + member + body[start + 1:]

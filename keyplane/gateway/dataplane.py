@@ -119,7 +119,8 @@ class DataPlane:
         finally:
             # Normally settled before the answer's last byte (Upstream.settle); here a stream the client
             # left, a failure (its reservation is released) or a cancelled request.
-            await self.upstream.settle(admission, outcome)
+            if not outcome.settled:  # no coroutine when it was (every answered request)
+                await self.upstream.settle(admission, outcome)
         self._finish(route, outcome, key, ip, started)
 
     def _finish(self, route: str, outcome: Outcome, key: KeySnapshot | None, ip: str, started: float) -> None:

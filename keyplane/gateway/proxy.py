@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -215,13 +215,13 @@ class Upstream:
         if routes is None:
             routes = await self.kp.routes_for(org_id)
         route = outcome.route = _route_in(routes, model, outcome, api)
-        changed = False
+        changed: bool | bytes = False  # True: re-encode the request; bytes: the bound's member to splice in
         if admission.key.spend_limits and api.metered:
             reserved = self.reserve_now(admission, api, request, len(body), route, outcome)
-            if isinstance(reserved, bool):
-                changed = reserved
-            else:  # its Ask: a bucket's first request in this process, or the Redis mode
+            if isinstance(reserved, Ask):  # a bucket's first request in this process, or the Redis mode
                 changed = await self.reserve(admission, api, request, reserved, outcome)
+            else:
+                changed = reserved
         stream = request.get("stream") is True and api.streams
         if stream and api.ask_stream_usage:
             options = request.get("stream_options")
@@ -229,8 +229,10 @@ class Upstream:
                 # Usage comes from the upstream's own count: ask for it on streams.
                 request["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 changed = True
-        if changed:
+        if changed is True:
             body = orjson.dumps(request)
+        elif changed:  # only a bound the request did not name: spliced in, the rest as the client sent it
+            body = budget.splice(body, changed) or orjson.dumps(request)
         reader = UsageReader(api)
         try:
             prepared = self.prepared("POST", api, route, path[3:], scope, stream)  # path[3:]: without "/v1"
@@ -239,7 +241,9 @@ class Upstream:
         store = request.get("store") is not False
 
         async def before_last_byte() -> None:
-            await self.settle(admission, outcome)
+            pending = self.settle_now(admission, outcome)  # None: settled already, without an await
+            if pending is not None:
+                await pending
             if reader.response_id is not None and store:
                 await self.stored_responses.remember(reader.response_id, admission.key.id, outcome.model or "")
 
@@ -264,42 +268,52 @@ class Upstream:
         await self._relay(prepared, None, route, admission, receive, send, outcome, None, False, None)
 
     def reserve_now(self, admission: Admission, api: Api, request: dict[str, Any], body_len: int, route: Route,
-                    outcome: Outcome) -> bool | Ask:
+                    outcome: Outcome) -> bool | bytes | Ask:
         """Reserve the request's worst case in every spend window of the key and its parents, or refuse it;
-        lower its output bound to what the budget covers (gateway/budget.py). True: the request changed.
-        Without an ``await`` (no coroutine) where this process holds the windows (embedded mode, once the
-        key's buckets are seeded); else nothing is reserved and the request's :class:`Ask` is returned, for
-        :meth:`reserve`."""
+        lower its output bound to what the budget covers (gateway/budget.py). Returns what :func:`_granted`
+        does (False: the request is unchanged). Without an ``await`` (no coroutine) and without an ``Ask``
+        object where this process holds the windows (embedded mode, once the key's buckets are seeded); else
+        nothing is reserved and the request's :class:`Ask` is returned, for :meth:`reserve`."""
         settings = self.kp.settings
-        ask = budget.ask_for(api, request, body_len, route, admission.key, settings.prompt_bytes_per_token,
-                             settings.output_allowance_tokens)
-        if not ask.named and not ask.clamp and api.output_fields:
+        key = admission.key
+        ptok, pusd, wanted, price, clamp, named, choices = budget.worst_case(
+            api, request, body_len, route, key, settings.prompt_bytes_per_token, settings.output_allowance_tokens)
+        if not named and not clamp and api.output_fields:
             raise budget.unbounded(api)
-        # the spend backend itself (LocalSpend, SharedSpend: None), not Keyplane.reserve_spend: one call fewer
-        granted = self.kp.spend.reserve_now(admission.key.spend_limits, ask)
+        ledger = self.kp.spend.sync_ledger  # LocalSpend's; SharedSpend (Redis): None
+        granted = (None if ledger is None else
+                   ledger.reserve_worst(key.spend_limits, ptok, pusd, wanted, price, clamp, None, True))
         if granted is None:
-            return ask
-        return _granted(admission, api, request, ask, granted, outcome)
+            return Ask(ptok, pusd, wanted, price, clamp, named, choices)
+        return _granted(admission, api, request, wanted, named, choices, granted, outcome)
 
     async def reserve(self, admission: Admission, api: Api, request: dict[str, Any], ask: Ask,
-                      outcome: Outcome) -> bool:
+                      outcome: Outcome) -> bool | bytes:
         """:meth:`reserve_now` where it has to wait: the bucket's spend so far is read from the store first,
         or the windows are in Redis."""
-        return _granted(admission, api, request, ask, await self.kp.reserve_spend(admission.key, ask), outcome)
+        return _granted(admission, api, request, ask.output_tokens, ask.named, ask.choices,
+                        await self.kp.reserve_spend(admission.key, ask), outcome)
 
     async def settle(self, admission: Admission, outcome: Outcome) -> None:
+        """:meth:`settle_now`, awaiting what it returns."""
+        pending = self.settle_now(admission, outcome)
+        if pending is not None:
+            await pending
+
+    def settle_now(self, admission: Admission, outcome: Outcome) -> Coroutine[Any, Any, None] | None:
         """Count what an answer cost before its last byte goes out: a client that sends its next request
         as soon as this one ends (every agent loop) finds the spend already counted, also in Redis.
         The reservation is dropped at the same time; a request that failed before an answer releases it.
         A stream that ended early (the client left, the upstream broke) settles from what was generated:
         the reported usage, at least the bytes relayed as output tokens, never above the reservation; from
-        the reservation itself if the provider reported nothing."""
+        the reservation itself if the provider reported nothing. Done in place where this process holds the
+        windows (embedded mode: returns None); else returns the coroutine that settles, to be awaited."""
         if outcome.settled:
-            return
+            return None
         tokens, cost = outcome.input_tokens + outcome.output_tokens, outcome.cost_usd
         grant = outcome.grant
         if grant is None and not (tokens or cost):
-            return
+            return None
         outcome.settled = True
         if grant is not None and outcome.streamed and not outcome.stream_done:
             # The usage event records the same estimate, so a restart seeds the budget from what was counted.
@@ -313,7 +327,15 @@ class Upstream:
                 cost = outcome.route.cost(outcome.input_tokens, outcome.output_tokens, outcome.cache_write_tokens,
                                           outcome.cache_read_tokens)
             outcome.cost_usd = cost
-        await self.kp.settle_spend(admission.key, grant, tokens, cost)
+        ledger = self.kp.spend.sync_ledger
+        if ledger is None:  # Redis: HotPath.settle_spend, awaited by the caller
+            return self.kp.settle_spend(admission.key, grant, tokens, cost)
+        if grant is None:  # LocalSpend.add and LocalSpend.settle, without their coroutines
+            ledger.add(admission.key.spend_buckets, tokens, cost)
+        elif not grant.done:
+            grant.done = True
+            ledger.settle(grant, admission.key.spend_buckets, tokens, cost)
+        return None
 
     async def _relay(self, prepared: Prepared, body: bytes | None, route: Route,
                      admission: Admission, receive: Receive, send: Send, outcome: Outcome,
@@ -407,20 +429,22 @@ class Upstream:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _granted(admission: Admission, api: Api, request: dict[str, Any], ask: Ask, granted: Grant | Exhausted,
-             outcome: Outcome) -> bool:
+def _granted(admission: Admission, api: Api, request: dict[str, Any], wanted: int, named: int, choices: int,
+             granted: Grant | Exhausted, outcome: Outcome) -> bool | bytes:
     """The reservation's answer: refuse the request, or hold the grant and write the granted output bound
     into the request when it differs from what the request names (the answer says so in a header).
-    True: the request changed."""
-    if isinstance(granted, Exhausted):
+    ``wanted``, ``named``, ``choices``: the request's worst case (budget.worst_case). False: the request is
+    unchanged; True: it changed (re-encode it); bytes: only a bound it did not name was set, this JSON member
+    (budget.apply_allowance), to splice into the body as sent."""
+    if type(granted) is Exhausted:
         raise spend_refusal(granted)
-    outcome.grant = granted
-    if not api.output_fields or (ask.named and granted.output_tokens >= ask.output_tokens):
+    outcome.grant = granted  # type: ignore[assignment]  # a Grant
+    if not api.output_fields or (named and granted.output_tokens >= wanted):
         return False
-    bound = budget.apply_allowance(api, request, granted.output_tokens, ask)
+    bound, member = budget.apply_allowance(api, request, granted.output_tokens, named, choices)
     # a fresh list per request (enforce.Admission): appended to in place
-    admission.headers.append((budget.CLAMPED_HEADER, b"%d" % bound))
-    return True
+    admission.headers.append((budget.CLAMPED_HEADER, budget.DIGITS.get(bound) or budget.digits(bound)))
+    return member or True
 
 
 def _model(name: str, route: Route) -> dict[str, Any]:

@@ -42,13 +42,14 @@ _last_windows: tuple[int, tuple[int, str, str]] = (-1, (0, "", ""))
 
 
 def windows(now: float) -> tuple[int, str, str]:
-    """(minute, UTC date, UTC month) of ``now``; formatted once per second (this runs twice per request)."""
+    """(minute, UTC date, UTC month) of ``now``; formatted once per second (called where a counter's minute
+    is past: _roll)."""
     global _last_windows
     second = int(now)
     if _last_windows[0] == second:
         return _last_windows[1]
     t = time.gmtime(now)
-    found = (int(now // 60), time.strftime("%Y-%m-%d", t), time.strftime("%Y-%m", t))
+    found = (int(now) // 60, time.strftime("%Y-%m-%d", t), time.strftime("%Y-%m", t))
     _last_windows = (second, found)
     return found
 
@@ -165,13 +166,20 @@ class SpendLedger:
     def reserve(self, limited: tuple[tuple[str, Limits], ...], ask: Ask, now: float | None = None,
                 seeded_only: bool = False) -> Grant | Exhausted | None:
         """All or nothing over every limited window of ``limited``: what the tightest window still pays for
-        (the rule of :func:`afford`, written out: this runs on every budgeted request). ``seeded_only``:
-        None, with nothing changed, when a bucket is not seeded yet (LocalSpend.reserve_now)."""
+        (the rule of :func:`afford`). ``seeded_only``: None, with nothing changed, when a bucket is not seeded
+        yet (LocalSpend.reserve_now)."""
+        return self.reserve_worst(limited, ask.prompt_tokens, ask.prompt_usd, ask.output_tokens,
+                                  ask.output_usd_per_token, ask.clamp, now, seeded_only)
+
+    def reserve_worst(self, limited: tuple[tuple[str, Limits], ...], ptok: int, pusd: float, wanted: int,
+                      price: float, clamp: bool, now: float | None = None,
+                      seeded_only: bool = False) -> Grant | Exhausted | None:
+        """:meth:`reserve` of an :class:`Ask`'s fields (``ptok``: prompt tokens, ``pusd``: prompt USD,
+        ``wanted``: output tokens wanted, ``price``: USD per output token), written out over the windows:
+        this runs on every budgeted request, and the gateway's embedded path builds no ``Ask`` for it."""
         now = time.time() if now is None else now
-        second, found = _last_windows  # windows(now), without the call in the same second
-        minute, day, month = found if second == int(now) else windows(now)
-        ptok, pusd, price = ask.prompt_tokens, ask.prompt_usd, ask.output_usd_per_token
-        best = ask.output_tokens
+        minute = int(now) // 60  # windows(now)[0], without a float floor division
+        best = wanted
         binding: tuple[str, float, float] | None = None
         buckets = self._buckets
         for bucket, limits in limited:
@@ -180,37 +188,44 @@ class SpendLedger:
                 if seeded_only:
                     return None
                 c = c or self._counters(bucket, now)
+            if c.minute != minute:  # a new minute (day, month) since this bucket was last written
+                _roll(c, now)
+            # Each window: refused when the prompt alone does not fit (room < 0), else clamped to what fits.
+            # The windows are written out, not a helper: a call per window per request was measurable on the
+            # hot path (docs/performance.md, issue 17); a refusal is tested only where the window binds.
             limit: float | None = limits.tokens_per_minute
             if limit is not None:
-                used = (c.tokens if c.minute == minute else 0) + c.held_tokens
+                used = c.tokens + c.held_tokens
                 room = limit - used - ptok  # whole tokens: what fits is the room itself
-                if room < 0:
-                    return _exhausted("tokens_per_minute", limit, used, now)
                 if room < best:
+                    if room < 0:
+                        return _exhausted("tokens_per_minute", limit, used, now)
                     best, binding = int(room + 1e-9), ("tokens_per_minute", limit, used)
-            # The day and month windows are the same rule written out twice, not a helper: a call per
-            # window per request was measurable on the hot path (docs/performance.md, issue 17).
             limit = limits.cost_per_day_usd
             if limit is not None:
-                used = (c.day_usd if c.day == day else 0.0) + c.held_usd
+                used = c.day_usd + c.held_usd
                 room = limit - used - pusd
-                if room < 0:
-                    return _exhausted("cost_per_day_usd", limit, used, now)
                 if price > 0:
                     fits = room / price + 1e-9
-                    if fits < best:
+                    if fits < best:  # room < 0 binds too: best is never negative
+                        if room < 0:
+                            return _exhausted("cost_per_day_usd", limit, used, now)
                         best, binding = int(fits), ("cost_per_day_usd", limit, used)
+                elif room < 0:
+                    return _exhausted("cost_per_day_usd", limit, used, now)
             limit = limits.budget_per_month_usd
             if limit is not None:
-                used = (c.month_usd if c.month == month else 0.0) + c.held_usd
+                used = c.month_usd + c.held_usd
                 room = limit - used - pusd
-                if room < 0:
-                    return _exhausted("budget_per_month_usd", limit, used, now)
                 if price > 0:
                     fits = room / price + 1e-9
                     if fits < best:
+                        if room < 0:
+                            return _exhausted("budget_per_month_usd", limit, used, now)
                         best, binding = int(fits), ("budget_per_month_usd", limit, used)
-        if binding is not None and (not ask.clamp or best < 1):
+                elif room < 0:
+                    return _exhausted("budget_per_month_usd", limit, used, now)
+        if binding is not None and (not clamp or best < 1):
             return _exhausted(*binding, now)
         tokens = ptok + best
         usd = pusd + best * price
@@ -238,8 +253,16 @@ class SpendLedger:
                 c.held_usd -= held_usd
                 if c.held_tokens <= 0 and c.held_usd <= 1e-12:  # no float dust left behind
                     c.held_tokens, c.held_usd = 0, 0.0
-        if tokens or cost_usd:
-            self.add(buckets, tokens, cost_usd)
+        if tokens or cost_usd:  # self.add(buckets, tokens, cost_usd), written out: one call fewer per request
+            now = time.time()
+            minute = int(now) // 60
+            for bucket in buckets:
+                c = self._buckets.get(bucket) or self._counters(bucket, now)
+                if c.minute != minute:
+                    _roll(c, now)
+                c.tokens += tokens
+                c.day_usd += cost_usd
+                c.month_usd += cost_usd
 
     def release(self, grant: Grant) -> None:
         for bucket in grant.buckets:
@@ -269,21 +292,27 @@ class SpendLedger:
         if not tokens and not cost_usd:
             return
         now = time.time() if now is None else now
-        minute, day, month = windows(now)
+        minute = int(now) // 60
         for bucket in buckets:
             c = self._buckets.get(bucket) or self._counters(bucket, now)
-            if c.minute == minute:
-                c.tokens += tokens
-            else:
-                c.minute, c.tokens = minute, tokens
-            if c.day == day:
-                c.day_usd += cost_usd
-            else:
-                c.day, c.day_usd = day, cost_usd
-            if c.month == month:
-                c.month_usd += cost_usd
-            else:
-                c.month, c.month_usd = month, cost_usd
+            if c.minute != minute:
+                _roll(c, now)
+            c.tokens += tokens
+            c.day_usd += cost_usd
+            c.month_usd += cost_usd
+
+
+def _roll(c: _Counters, now: float) -> None:
+    """Start the windows of ``now`` where ``c``'s are past (what a counter of an earlier window held is not
+    this window's). A counter's minute is current only with its day and month (every write sets them
+    together, a seed the day and month of the current time): one comparison on each request, not three."""
+    minute, day, month = windows(now)
+    if c.minute != minute:
+        c.minute, c.tokens = minute, 0
+    if c.day != day:
+        c.day, c.day_usd = day, 0.0
+    if c.month != month:
+        c.month, c.month_usd = month, 0.0
 
 
 def _exhausted(name: str, limit: float, used: float, now: float) -> Exhausted:
@@ -295,6 +324,9 @@ class LocalSpend:
 
     def __init__(self, spent_so_far: Callable[[str], Awaitable[tuple[float, float]]]) -> None:
         self.ledger = SpendLedger()
+        # The ledger a caller may reserve in and settle to without an ``await`` (the gateway, once a bucket is
+        # seeded): this one. SharedSpend's is None: its windows are in Redis.
+        self.sync_ledger: SpendLedger | None = self.ledger
         self.spent_so_far = spent_so_far
 
     async def _seed(self, limited: tuple[tuple[str, Limits], ...]) -> None:

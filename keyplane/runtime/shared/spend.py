@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from keyplane.domain.policy import Limits
-from keyplane.runtime.spend import WINDOW_NAMES, Ask, Exhausted, Grant, LocalSpend, day_end, month_end
+from keyplane.runtime.spend import (
+    WINDOW_NAMES,
+    Ask,
+    Exhausted,
+    Grant,
+    LocalSpend,
+    SpendLedger,
+    day_end,
+    month_end,
+)
 from keyplane.runtime.spend_keys import SpendKeys
 
 if TYPE_CHECKING:
@@ -147,6 +156,7 @@ class SharedSpend:
                  reservation_seconds: float = 900.0) -> None:
         self.shared = shared
         self.local = LocalSpend(spent_so_far)
+        self.sync_ledger: SpendLedger | None = None  # never without an ``await``: the windows are in Redis
         self.spent_so_far = spent_so_far
         self.reservation_seconds = reservation_seconds
         self.names = SpendKeys(shared.prefix)
