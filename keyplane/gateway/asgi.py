@@ -28,14 +28,7 @@ def header(scope: Scope, name: bytes) -> str | None:
 
 def bearer(scope: Scope) -> str | None:
     """``Authorization: Bearer …``, or the ``x-api-key`` header Anthropic-style clients send."""
-    auth = None
-    api_key = None
-    for key, value in scope["headers"]:
-        if key == b"authorization":
-            auth = value
-        elif key == b"x-api-key":
-            api_key = value
-    return _token(auth, api_key)
+    return credentials(scope)[0]
 
 
 def credentials(scope: Scope) -> tuple[str | None, str | None]:

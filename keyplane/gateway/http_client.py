@@ -399,19 +399,25 @@ class _Pool:
     def take(self) -> _Connection | None:
         """An idle connection and a slot without waiting (no coroutine: the usual case); None if there is
         none to reuse or no slot free (then :meth:`acquire`)."""
-        if self.in_use >= self.client.max_connections:
+        if self.in_use >= self.client.max_connections or not self.idle:
             return None
+        conn = self._reuse()
+        if conn is not None:
+            self.in_use += 1
+        return conn
+
+    def _reuse(self) -> _Connection | None:
+        """The most recently used idle connection still fit to send on (the others found on the way are
+        closed), marked reused; None if there is none."""
         idle = self.idle
-        if idle:
-            limit = time.monotonic() - self.client.idle_seconds
-            while idle:
-                conn = idle.pop()
-                if conn.closed or conn.idle_since < limit or conn.transport is None or conn.transport.is_closing():
-                    conn.close()
-                    continue
-                conn.reused = True
-                self.in_use += 1
-                return conn
+        limit = time.monotonic() - self.client.idle_seconds
+        while idle:
+            conn = idle.pop()
+            if conn.closed or conn.idle_since < limit or conn.transport is None or conn.transport.is_closing():
+                conn.close()
+                continue
+            conn.reused = True
+            return conn
         return None
 
     async def acquire(self, connect_timeout: float | None, fresh: bool) -> _Connection:
@@ -420,14 +426,8 @@ class _Pool:
         self.in_use += 1
         try:
             if not fresh:
-                limit = time.monotonic() - self.client.idle_seconds
-                idle = self.idle
-                while idle:
-                    conn = idle.pop()
-                    if conn.closed or conn.idle_since < limit or conn.transport is None or conn.transport.is_closing():
-                        conn.close()
-                        continue
-                    conn.reused = True
+                conn = self._reuse()
+                if conn is not None:
                     return conn
             return await self._connect(connect_timeout)
         except BaseException:
