@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -189,6 +190,35 @@ async def test_delete_refuses_a_recently_used_key_unless_forced(
     assert (await verify(client, admin, secret))["code"] == "NOT_FOUND"
     assert_error(await client.get(f"/api/v1/keys/{key['id']}", headers=admin), 404, "not_found")
     assert_error(await client.post(f"/api/v1/keys/{key['id']}/enable", headers=admin), 404, "not_found")
+
+
+async def test_a_flush_returns_only_once_the_flush_it_raced_with_has_written(
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic flush of last-used times may be writing when a caller (shutdown, a test) flushes: the
+    caller's flush must not return before the counts the other one took are in the store (it did: a request
+    count read right after a flush was short by the requests of the flush still in flight)."""
+    key, secret = await create_key(client, admin, name="busy")
+    kp = app.kp
+    real = kp.keys.record_last_used
+    first_started, release = asyncio.Event(), asyncio.Event()
+
+    async def first_one_slow(batch: dict[str, tuple[datetime, int]]) -> None:
+        if not first_started.is_set():
+            first_started.set()
+            await release.wait()
+        await real(batch)
+
+    monkeypatch.setattr(kp.keys, "record_last_used", first_one_slow)
+    assert (await verify(client, admin, secret))["valid"]
+    periodic = asyncio.create_task(kp.flush())
+    await first_started.wait()
+    assert (await verify(client, admin, secret))["valid"]
+    asyncio.get_running_loop().call_later(1.0, release.set)
+    await kp.flush()
+    assert periodic.done()  # it had to finish first
+    got = (await client.get(f"/api/v1/keys/{key['id']}", headers=admin)).json()["key"]
+    assert got["request_count"] == 2
 
 
 async def test_subkeys_are_bounded_by_their_parent(client: httpx.AsyncClient, admin: dict[str, str]) -> None:

@@ -121,6 +121,7 @@ class Keyplane(Lifecycle, HotPath, MasterSecrets):
                                            allowed_commands=settings.mcp_stdio_allowed)
         self.usage_buffer = UsageBuffer()
         self._usage_flush = asyncio.Lock()  # one flush at a time: a flush returns once all taken so far is written
+        self._last_used_flush = asyncio.Lock()  # likewise for last-used times and request counts
         self.usage = UsageService(
             self.db,
             Retention(settings.rollup_minute_retention_days, settings.rollup_hour_retention_days,

@@ -64,6 +64,7 @@ class Lifecycle:
     bus: ChangeBus | None
     shared: SharedState | None
     _usage_flush: asyncio.Lock
+    _last_used_flush: asyncio.Lock
     _tasks: list[asyncio.Task[None]]
     _heads: dict[str, int] | None
 
@@ -156,7 +157,10 @@ class Lifecycle:
         self.access_log.flush()
 
     async def flush(self) -> None:
-        await self.tracker.flush(self.keys.record_last_used)
+        """Write last-used times and request counts. Serialized like :meth:`flush_usage`: a caller does not
+        return while the periodic flush it raced with is still writing the counts it took."""
+        async with self._last_used_flush:
+            await self.tracker.flush(self.keys.record_last_used)
 
     async def _read_heads(self) -> dict[str, int]:
         async with self.db.read() as s:
