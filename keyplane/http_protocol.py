@@ -24,7 +24,7 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-from keyplane.domain.errors import invalid_request
+from keyplane.domain.errors import KeyplaneError, invalid_request
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGI3Application, ASGIReceiveEvent, ASGISendEvent
@@ -60,6 +60,10 @@ except ImportError:  # pragma: no cover
 # A request head (request line and headers) must arrive within this long of its first byte, else the
 # connection is closed (nginx's client_header_timeout is 60 s; a head is a few KB).
 HEAD_TIMEOUT_SECONDS = 10.0
+# ... and hold at most this many bytes once its first read is in (a read is at most 256 KB on uvloop): else
+# 431 and the connection closed. uvicorn's httptools protocol has no bound (a 20 MB head was taken whole);
+# h11 stops at 16 KB, nginx at 4 × 8 KB. keyplane's requests carry a key and a few headers.
+MAX_HEAD_BYTES = 64 * 1024
 _JOIN_BELOW = 64 * 1024  # a body up to this size is copied after the headers (one buffer); larger: writev
 
 
@@ -314,6 +318,7 @@ if HttpToolsProtocol is not None:
 
         idle_since: float | None = None  # since when no request has begun (opened, or last answer); else None
         head_since: float | None = None  # when the request head now arriving began; None once it is complete
+        head_bytes = 0  # bytes read since that head's first read (MAX_HEAD_BYTES)
         cycle: _Cycle  # type: ignore[assignment]
 
         # -- the keep-alive timeout, one timer per idle period; the request-head timeout ------------------
@@ -336,7 +341,13 @@ if HttpToolsProtocol is not None:
             pass  # bytes alone (a stray CRLF) do not end idleness: a request's first byte does (on_message_begin)
 
         def data_received(self, data: bytes) -> None:
-            """uvicorn's, without the keep-alive timer's cancelling (``_unset_keepalive_if_required``)."""
+            """uvicorn's, without the keep-alive timer's cancelling (``_unset_keepalive_if_required``), and with
+            a bound on a request head's size (``MAX_HEAD_BYTES``): counted per read while a head is arriving,
+            not per header: refused when, after a read, the head is still not complete (a read that completes
+            it may carry the body after it)."""
+            counted = self.head_since is not None  # a head began in an earlier read and is not complete yet
+            if counted:
+                self.head_bytes += len(data)
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError:
@@ -349,6 +360,26 @@ if HttpToolsProtocol is not None:
                     self.handle_websocket_upgrade()
                 else:
                     self._unsupported_upgrade_warning()
+                return
+            # still the same head (a new one starts at 0 bytes), still not complete, past the bound
+            if counted and self.head_bytes > MAX_HEAD_BYTES and self.head_since is not None:
+                self._refuse_large_head()
+
+        def _refuse_large_head(self) -> None:
+            """431 in keyplane's error shape, then close: nothing of the request reaches the app."""
+            self.logger.warning("Request head larger than %d bytes: refused.", MAX_HEAD_BYTES)
+            body = orjson.dumps(KeyplaneError(
+                431, "headers_too_large",
+                f"The request line and headers are limited to {MAX_HEAD_BYTES} bytes").body())
+            content = [STATUS_LINE[431]]
+            for name, value in self.server_state.default_headers:
+                content.extend([name, b": ", value, b"\r\n"])
+            content.extend([b"content-type: application/json\r\n",
+                            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                            b"connection: close\r\n", b"\r\n", body])
+            self.head_since = None
+            self.transport.write(b"".join(content))
+            self.transport.close()
 
         def on_message_begin(self) -> None:
             """uvicorn's, but the scope is built once the head is complete (``on_headers_complete``); then the
@@ -358,6 +389,7 @@ if HttpToolsProtocol is not None:
             self.headers = []
             self.idle_since = None
             self.head_since = now = self.loop.time()
+            self.head_bytes = 0
             timer = self.timeout_keep_alive_task
             if timer is None or timer.when() > now + HEAD_TIMEOUT_SECONDS:  # (a keep-alive longer than it)
                 if timer is not None:

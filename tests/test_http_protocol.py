@@ -419,3 +419,47 @@ async def test_a_slow_head_that_completes_in_time_is_answered_and_a_long_answer_
             transport.wrote.clear()
             await transport.wrote.wait()
     assert b"".join(transport.writes).endswith(b'{"ok":true}') and not transport.closed
+
+
+# -- a request head has a size bound (uvicorn's httptools protocol takes any size: 20 MB was taken whole) -----
+
+async def test_a_request_head_past_the_bound_is_refused_with_431_in_keyplanes_shape_and_the_app_never_runs() -> None:
+    import orjson
+
+    from keyplane.http_protocol import MAX_HEAD_BYTES
+
+    called = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        called.append(scope["path"])
+        await plain(scope, receive, send)
+
+    protocol, transport, _ = connect(app)
+    protocol.data_received(b"GET /x HTTP/1.1\r\nhost: a\r\n")
+    piece = b"x-filler: " + b"a" * 8_000 + b"\r\n"
+    for _ in range(MAX_HEAD_BYTES // len(piece) + 2):  # one read at a time, as a slow client sends them
+        if transport.closed:
+            break
+        protocol.data_received(piece)
+    assert transport.closed and called == []
+    answer = b"".join(transport.writes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ") and b"connection: close" in head
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "headers_too_large" and str(MAX_HEAD_BYTES) in error["message"]
+
+
+async def test_a_head_within_the_bound_completed_by_a_read_that_carries_a_large_body_is_answered() -> None:
+    protocol, transport, _ = connect(echo)
+    body = b"b" * 300_000
+    protocol.data_received(b"POST /x HTTP/1.1\r\nhost: a\r\n")
+    protocol.data_received(b"x-filler: " + b"a" * 40_000 + b"\r\n")
+    start = len(transport.writes)
+    done = protocol.server_state.total_requests + 1
+    protocol.data_received(b"content-length: %d\r\n\r\n" % len(body) + body)  # past the bound, head complete
+    async with asyncio.timeout(5):
+        while protocol.server_state.total_requests < done:
+            transport.wrote.clear()
+            await transport.wrote.wait()
+    answer = b"".join(transport.writes[start:])
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(body) and not transport.closed
