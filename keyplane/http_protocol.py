@@ -294,8 +294,11 @@ if HttpToolsProtocol is not None:
         other than the one the lean protocol below was written against."""
 
         def send_400_response(self, msg: str) -> None:
-            body = malformed_request_body(msg)
-            content = [STATUS_LINE[400]]
+            self.refuse_and_close(400, malformed_request_body(msg))
+
+        def refuse_and_close(self, status: int, body: bytes) -> None:
+            """An error in keyplane's shape (``body``, JSON), then the connection closed."""
+            content = [STATUS_LINE[status]]
             for name, value in self.server_state.default_headers:
                 content.extend([name, b": ", value, b"\r\n"])
             content.extend([b"content-type: application/json\r\n",
@@ -368,18 +371,10 @@ if HttpToolsProtocol is not None:
         def _refuse_large_head(self) -> None:
             """431 in keyplane's error shape, then close: nothing of the request reaches the app."""
             self.logger.warning("Request head larger than %d bytes: refused.", MAX_HEAD_BYTES)
-            body = orjson.dumps(KeyplaneError(
-                431, "headers_too_large",
-                f"The request line and headers are limited to {MAX_HEAD_BYTES} bytes").body())
-            content = [STATUS_LINE[431]]
-            for name, value in self.server_state.default_headers:
-                content.extend([name, b": ", value, b"\r\n"])
-            content.extend([b"content-type: application/json\r\n",
-                            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
-                            b"connection: close\r\n", b"\r\n", body])
             self.head_since = None
-            self.transport.write(b"".join(content))
-            self.transport.close()
+            self.refuse_and_close(431, orjson.dumps(KeyplaneError(
+                431, "headers_too_large",
+                f"The request line and headers are limited to {MAX_HEAD_BYTES} bytes").body()))
 
         def on_message_begin(self) -> None:
             """uvicorn's, but the scope is built once the head is complete (``on_headers_complete``); then the
