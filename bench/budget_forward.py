@@ -50,6 +50,7 @@ class Plane(HotPath):
                                         upstream_max_connections=100)
         self.shared = None
         self.table = {"bench-model": route}
+        self.routes = {"o": self.table}  # Keyplane.routes: each organization's table, once loaded
 
         async def nothing_spent(bucket: str) -> tuple[float, float]:
             return 0.0, 0.0
@@ -73,15 +74,16 @@ def main() -> None:
     plane = Plane(route)
     upstream = Upstream(plane)  # type: ignore[arg-type]
 
-    async def relay(method: str, url: str, body: bytes | None, headers: dict[str, str], route: Route,
-                    admission: Admission, receive: Any, send: Any, outcome: Outcome, reader: Any, stream: bool,
-                    before_last_byte: Any) -> None:
+    async def relay(prepared: Any, body: bytes | None, route: Route, admission: Admission, receive: Any, send: Any,
+                    outcome: Outcome, reader: Any, stream: bool, before_last_byte: Any) -> None:
         outcome.meter(route, SimpleNamespace(input=12, output=20, cache_write=0, cache_read=0))  # type: ignore[arg-type]
         if before_last_byte is not None:
             await before_last_byte()
         outcome.status = 200
 
     upstream._relay = relay  # type: ignore[method-assign]
+    # The request head, encoded once per route (the same for both keys): no client, no event loop here.
+    upstream.prepared = lambda *args: None  # type: ignore[method-assign]
     plain = Limits(requests_per_minute=10_000_000)
     budget = Limits(requests_per_minute=10_000_000, tokens_per_minute=2_000_000_000, cost_per_day_usd=1e9,
                     budget_per_month_usd=1e10)  # bench/gateway.py's budgeted key
