@@ -39,6 +39,22 @@ return 1
 """
 
 
+# Drop what a reservation's record ({tokens, USD, bucket names}) holds in each bucket. Where a bucket then
+# holds no tokens, it holds no reservation (each holds at least a prompt token): its USD is set to 0 exactly,
+# not left as the float dust of adding and taking back amounts in another order (as spend.SpendLedger does).
+RELEASE = """
+local function release(r)
+  for j = 1, #r[3] do
+    local held = tonumber(redis.call('INCRBYFLOAT', r[3][j] .. ':rt', -r[1]))
+    redis.call('INCRBYFLOAT', r[3][j] .. ':ru', -r[2])
+    if held <= 0 then
+      redis.call('SET', r[3][j] .. ':rt', '0', 'KEEPTTL')
+      redis.call('SET', r[3][j] .. ':ru', '0', 'KEEPTTL')
+    end
+  end
+end
+"""
+
 # Reserve a request's worst case over every limited window of a key and its ancestors, all or nothing
 # (the rule of spend.afford). KEYS: the family's reservation queue (sorted set: id -> deadline), the
 # reservation's record, then per limited bucket: tokens this minute, USD today, USD this month, reserved
@@ -48,7 +64,7 @@ return 1
 # Returns {1, granted output tokens}, {0, window index (0-based, in KEYS order), used incl. reserved},
 # or {-1, bucket index} when a day/month counter is not seeded yet (the caller seeds and retries).
 # Expired reservations (a process died holding them) are dropped first, 100 at a time.
-RESERVE_SCRIPT = """
+RESERVE_SCRIPT = RELEASE + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local prefix = ARGV[1]
@@ -56,11 +72,7 @@ local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 10
 for _, old in ipairs(expired) do
   local rec = redis.call('GET', prefix .. 'rs:' .. old)
   if rec then
-    local r = cjson.decode(rec)
-    for j = 1, #r[3] do
-      redis.call('INCRBYFLOAT', r[3][j] .. ':rt', -r[1])
-      redis.call('INCRBYFLOAT', r[3][j] .. ':ru', -r[2])
-    end
+    release(cjson.decode(rec))
     redis.call('DEL', prefix .. 'rs:' .. old)
   end
   redis.call('ZREM', KEYS[1], old)
@@ -116,15 +128,11 @@ return {1, best}
 # reservation's "done" mark and counts nothing. KEYS: the queue, the record, the done mark, then per bucket:
 # minute, day, month counter. ARGV: id, tokens, USD, seconds the mark is kept. Day and month are added to
 # only once seeded (else the seed would be lost). Returns 1, or 0 when it was settled already.
-SETTLE_SCRIPT = """
+SETTLE_SCRIPT = RELEASE + """
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[4])) then return 0 end
 local rec = redis.call('GET', KEYS[2])
 if rec then
-  local r = cjson.decode(rec)
-  for j = 1, #r[3] do
-    redis.call('INCRBYFLOAT', r[3][j] .. ':rt', -r[1])
-    redis.call('INCRBYFLOAT', r[3][j] .. ':ru', -r[2])
-  end
+  release(cjson.decode(rec))
   redis.call('DEL', KEYS[2])
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
