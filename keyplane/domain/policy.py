@@ -123,11 +123,12 @@ class KeySnapshot:
     mcp_grants: tuple[Mapping[str, tuple[str, ...]], ...] = ()
     # The verify API's view of the key, serialized once at load time (compact: ~10x smaller than a dict).
     public_json: bytes = field(default=b"null", compare=False)
+    # Every bucket a request's tokens and cost count against: the key and all its ancestors (set from id and
+    # ancestor_ids once per snapshot, not built on every request).
+    spend_buckets: tuple[str, ...] = field(init=False, compare=False, repr=False)
 
-    @property
-    def spend_buckets(self) -> tuple[str, ...]:
-        """Every bucket a request's tokens and cost count against: the key and all its ancestors."""
-        return (self.id, *self.ancestor_ids)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spend_buckets", (self.id, *self.ancestor_ids))  # frozen: set once, here
 
     @property
     def parent_id(self) -> str | None:
