@@ -28,7 +28,7 @@ from typing import Any
 from keyplane.domain.errors import KeyplaneError, invalid_request
 from keyplane.domain.policy import KeySnapshot
 from keyplane.gateway.wire import Api
-from keyplane.runtime.spend import Ask
+from keyplane.runtime.spend import Ask, Chain, SpendLedger
 from keyplane.services.providers import Route
 
 CLAMPED_HEADER = b"x-keyplane-max-tokens-clamped"
@@ -50,13 +50,8 @@ def worst_case(api: Api, request: dict[str, Any], body_len: int, route: Route, k
     """:func:`ask_for`'s fields as a tuple (prompt tokens, prompt USD, output tokens wanted, USD per output
     token, clamp, named, choices): the gateway's embedded path reserves from them without building an Ask."""
     prompt_tokens = math.ceil(body_len / bytes_per_token) or 1
-    write = route.cache_write_per_mtok  # the dearer of the input and cache-write prices
-    prompt_price = (write if write is not None and write > route.input_per_mtok else route.input_per_mtok) / 1e6
-    clamp = True
-    for _bucket, limits in key.spend_limits:
-        if not limits.clamp_output:
-            clamp = False
-            break
+    prompt_price = prompt_usd_per_token(route)
+    clamp = clamps(key)
     fields = api.output_fields
     if not fields:
         return prompt_tokens, prompt_tokens * prompt_price, 0, 0.0, clamp, 0, 1
@@ -74,6 +69,55 @@ def worst_case(api: Api, request: dict[str, Any], body_len: int, route: Route, k
             choices = 1
     return (prompt_tokens, prompt_tokens * prompt_price, (named or default_allowance) * choices,
             route.output_per_mtok / 1e6, clamp, named, choices)
+
+
+def prompt_usd_per_token(route: Route) -> float:
+    """A prompt token's worst price: the dearer of the input and cache-write prices."""
+    write = route.cache_write_per_mtok
+    return (write if write is not None and write > route.input_per_mtok else route.input_per_mtok) / 1e6
+
+
+def clamps(key: KeySnapshot) -> bool:
+    """May a request's output bound be lowered to what the budget covers: unless a limit profile of the key
+    or a parent says ``clamp_output: false``."""
+    return all(limits.clamp_output for _bucket, limits in key.spend_limits)
+
+
+def bound_field(api: Api, model: Any) -> str:
+    """The output bound set on a request that names none: by model family (the module's docstring)."""
+    fields = api.output_fields
+    if "max_completion_tokens" in fields and isinstance(model, str) and _is_reasoning_name(model):
+        return "max_completion_tokens"
+    return fields[0]
+
+
+class Plan:
+    """What the common budgeted request needs, worked out once per (key snapshot, route, API) instead of per
+    request: a request that names no output bound and no ``n`` (most agents' requests) is reserved with
+    :meth:`SpendLedger.reserve_whole <keyplane.runtime.spend.SpendLedger.reserve_whole>` when every window has
+    room for its whole worst case, and given the default allowance with the member and header below. Every
+    other request (a bound named, a window that binds, a new minute) takes :func:`worst_case` and
+    ``SpendLedger.reserve_worst``: the rule itself, of which this is the case where nothing is clamped."""
+
+    __slots__ = ("allowance", "api", "bytes_per_token", "chain", "field", "header", "key", "ledger",
+                 "member", "named", "price", "prompt_price", "route")
+
+    def __init__(self, key: KeySnapshot, route: Route, api: Api, model: str, ledger: SpendLedger, chain: Chain,
+                 bytes_per_token: float, allowance: int) -> None:
+        self.key, self.route, self.api, self.ledger, self.chain = key, route, api, ledger, chain
+        self.bytes_per_token = bytes_per_token
+        self.prompt_price = prompt_usd_per_token(route)
+        self.price = route.output_per_mtok / 1e6
+        self.allowance = allowance
+        self.named = frozenset((*api.output_fields, "n"))  # a request naming one of these takes the rule
+        self.field = bound_field(api, model)
+        self.member = _member(self.field, allowance) if self.field in _MEMBERS else None
+        self.header = (CLAMPED_HEADER, b"%d" % allowance)
+
+    @staticmethod
+    def applies(key: KeySnapshot, api: Api) -> bool:
+        """A plan serves requests whose bound may be lowered and set (else: the rule refuses or skips)."""
+        return bool(api.output_fields) and clamps(key)
 
 
 def unbounded(api: Api) -> KeyplaneError:
@@ -126,12 +170,7 @@ def apply_allowance(api: Api, request: dict[str, Any], granted: int, named: int,
     sets it (``"max_tokens":N,``), which the gateway splices into the body as sent instead of re-encoding it."""
     per_choice = (granted if choices == 1 else granted // choices) or 1
     if not named:  # nothing to lower: set the one field, chosen by model family (the module's docstring)
-        fields = api.output_fields
-        field = fields[0]
-        if "max_completion_tokens" in fields:
-            model = request.get("model")
-            if isinstance(model, str) and _is_reasoning_name(model):
-                field = "max_completion_tokens"
+        field = bound_field(api, request.get("model"))
         absent = field not in request
         request[field] = per_choice
         if not absent or field not in _MEMBERS:

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from keyplane.domain.errors import KeyplaneError, invalid_request
+from keyplane.domain.policy import KeySnapshot
 from keyplane.gateway import budget
 from keyplane.gateway.asgi import ClientLeft, Receive, Scope, Send, relay_until_client_leaves, send_json
 from keyplane.gateway.enforce import Admission
@@ -175,6 +176,9 @@ class Upstream:
         # The encoded request head per (route, path, stream, query, forwarded headers): the same bytes for
         # every request of a route but the framing (HttpClient.prepare). Holds the Route, so its id stays its.
         self._heads: dict[tuple[Any, ...], tuple[Route, Prepared]] = {}
+        # A budgeted key's plan per (key, route, API) (budget.Plan): holds the snapshot and the route, so its
+        # ids stay theirs; a new snapshot of the key (limits edited) or of the route (prices) gets a new plan.
+        self._plans: dict[tuple[str, int, str], budget.Plan] = {}
         # Answers stored upstream that a key may read back (GET /v1/responses/{id}).
         self.stored_responses = (ResponseOwners() if kp.shared is None else SharedResponseOwners(kp.shared))
 
@@ -185,6 +189,7 @@ class Upstream:
 
     async def close(self) -> None:
         self._heads.clear()  # prepared requests belong to the client
+        self._plans.clear()  # … and plans to this process's ledger
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -216,12 +221,29 @@ class Upstream:
             routes = await self.kp.routes_for(org_id)
         route = outcome.route = _route_in(routes, model, outcome, api)
         changed: bool | bytes = False  # True: re-encode the request; bytes: the bound's member to splice in
-        if admission.key.spend_limits and api.metered:
-            reserved = self.reserve_now(admission, api, request, len(body), route, outcome)
-            if isinstance(reserved, Ask):  # a bucket's first request in this process, or the Redis mode
-                changed = await self.reserve(admission, api, request, reserved, outcome)
-            else:
-                changed = reserved
+        key = admission.key
+        if key.spend_limits and api.metered:
+            # The common budgeted request first, written out here (it is on every one): it names no output bound
+            # and every window has room for its whole worst case (budget.Plan). Anything else takes the rule.
+            plan = self._plans.get((key.id, id(route), api.name))
+            if plan is None or plan.key is not key or plan.route is not route:
+                plan = self._plan(key, route, api, model)
+            grant = None
+            if plan is not None and request.keys().isdisjoint(plan.named):
+                ptok = math.ceil(len(body) / plan.bytes_per_token) or 1  # as budget.worst_case
+                grant = plan.ledger.reserve_whole(plan.chain, ptok, ptok * plan.prompt_price, plan.allowance,
+                                                  plan.price)
+                if grant is not None:  # granted whole: the default allowance is set, as the rule would
+                    outcome.grant = grant
+                    request[plan.field] = plan.allowance
+                    admission.headers.append(plan.header)  # a fresh list per request (enforce.Admission)
+                    changed = plan.member or True
+            if grant is None:
+                reserved = self.reserve_now(admission, api, request, len(body), route, outcome)
+                if isinstance(reserved, Ask):  # a bucket's first request in this process, or the Redis mode
+                    changed = await self.reserve(admission, api, request, reserved, outcome)
+                else:
+                    changed = reserved
         stream = request.get("stream") is True and api.streams
         if stream and api.ask_stream_usage:
             options = request.get("stream_options")
@@ -232,7 +254,8 @@ class Upstream:
         if changed is True:
             body = orjson.dumps(request)
         elif changed:  # only a bound the request did not name: spliced in, the rest as the client sent it
-            body = budget.splice(body, changed) or orjson.dumps(request)
+            body = (b"{" + changed + body[1:] if body[:1] == b"{" else  # budget.splice's usual case, without a call
+                    budget.splice(body, changed) or orjson.dumps(request))
         reader = UsageReader(api)
         try:
             prepared = self.prepared("POST", api, route, path[3:], scope, stream)  # path[3:]: without "/v1"
@@ -274,8 +297,8 @@ class Upstream:
         does (False: the request is unchanged). Without an ``await`` (no coroutine) and without an ``Ask``
         object where this process holds the windows (embedded mode, once the key's buckets are seeded); else
         nothing is reserved and the request's :class:`Ask` is returned, for :meth:`reserve`."""
-        settings = self.kp.settings
         key = admission.key
+        settings = self.kp.settings
         ptok, pusd, wanted, price, clamp, named, choices = budget.worst_case(
             api, request, body_len, route, key, settings.prompt_bytes_per_token, settings.output_allowance_tokens)
         if not named and not clamp and api.output_fields:
@@ -286,6 +309,23 @@ class Upstream:
         if granted is None:
             return Ask(ptok, pusd, wanted, price, clamp, named, choices)
         return _granted(admission, api, request, wanted, named, choices, granted, outcome)
+
+    def _plan(self, key: KeySnapshot, route: Route, api: Api, model: str) -> budget.Plan | None:
+        """The key's plan for this route and API, kept; None where the rule alone applies: the windows are in
+        Redis, no output bound to set (embeddings), clamping off, or a bucket's first request in this process
+        (not seeded yet)."""
+        ledger = self.kp.spend.sync_ledger  # LocalSpend's; SharedSpend (Redis): None
+        if ledger is None or not budget.Plan.applies(key, api):
+            return None
+        chain = ledger.chain(key.spend_limits, key.spend_buckets)
+        if chain is None:
+            return None
+        if len(self._plans) >= 4096:  # bounded: one per key, route and API in use
+            self._plans.clear()
+        settings = self.kp.settings
+        plan = self._plans[(key.id, id(route), api.name)] = budget.Plan(
+            key, route, api, model, ledger, chain, settings.prompt_bytes_per_token, settings.output_allowance_tokens)
+        return plan
 
     async def reserve(self, admission: Admission, api: Api, request: dict[str, Any], ask: Ask,
                       outcome: Outcome) -> bool | bytes:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class Grant:
     local: bool = True  # held in this process's ledger (embedded mode, or Redis fell back)
     done: bool = False
     family: str = ""  # the root key of the chain (names its Redis keys: runtime/spend_keys.py)
+    chain: Chain | None = None  # reserved through SpendLedger.reserve_whole: settled without a lookup by name
 
 
 def afford(ask: Ask, windows_left: list[tuple[float, float, str]]) -> int:
@@ -136,6 +138,29 @@ class _Counters:
         self.month, self.month_usd = month, 0.0
         self.held_tokens, self.held_usd = 0, 0.0  # tokens are whole: int arithmetic, no float mixing
         self.seeded = False
+
+
+class Chain:
+    """A key's buckets resolved to their counters, once per key snapshot (gateway/budget.py's ``Plan`` holds
+    it), so that a budgeted request reserves and settles without a lookup by name:
+
+        held     (counters, tokens per minute, USD per day, USD per month) of each limited bucket (the key's
+                 ``spend_limits``), a limit it does not set as infinity; ``holders``: those counters alone
+        counted  the counters of every bucket its spend counts in (the key's ``spend_buckets``)
+
+    A ledger never drops a bucket's counters (it rolls them in place), so a chain stays true for as long as
+    its snapshot is the key's: a new snapshot (limits edited, a parent changed) gets a new chain."""
+
+    __slots__ = ("counted", "held", "holders", "names")
+
+    def __init__(self, names: tuple[str, ...], held: tuple[tuple[_Counters, float, float, float], ...],
+                 counted: tuple[_Counters, ...]) -> None:
+        self.names, self.held, self.counted = names, held, counted
+        self.holders = tuple([c for c, _tokens, _day, _month in held])
+
+
+def _limit(value: float | None) -> float:
+    return math.inf if value is None else value
 
 
 class SpendLedger:
@@ -243,21 +268,62 @@ class SpendLedger:
         self._count += 1
         return Grant(self._count, tuple(names), tokens, usd, best)
 
-    def settle(self, grant: Grant, buckets: tuple[str, ...], tokens: int, cost_usd: float) -> None:
-        """:meth:`release` then :meth:`add`, in one call (this runs on every budgeted request)."""
-        held_tokens, held_usd = grant.tokens, grant.usd
-        for bucket in grant.buckets:
+    def chain(self, limited: tuple[tuple[str, Limits], ...], buckets: tuple[str, ...]) -> Chain | None:
+        """``limited`` (a key's ``spend_limits``) and ``buckets`` (its ``spend_buckets``) resolved to their
+        counters (:class:`Chain`); None while a limited bucket is not seeded yet (:meth:`reserve` seeds it)."""
+        held = []
+        for bucket, limits in limited:
             c = self._buckets.get(bucket)
-            if c is not None:
-                c.held_tokens -= held_tokens
-                c.held_usd -= held_usd
-                if c.held_tokens <= 0 and c.held_usd <= 1e-12:  # no float dust left behind
-                    c.held_tokens, c.held_usd = 0, 0.0
+            if c is None or not c.seeded:
+                return None
+            held.append((c, _limit(limits.tokens_per_minute), _limit(limits.cost_per_day_usd),
+                         _limit(limits.budget_per_month_usd)))
+        now = time.time()
+        counted = tuple([self._buckets.get(bucket) or self._counters(bucket, now) for bucket in buckets])
+        return Chain(tuple([bucket for bucket, _limits in limited]), tuple(held), counted)
+
+    def reserve_whole(self, chain: Chain, ptok: int, pusd: float, wanted: int, price: float) -> Grant | None:
+        """The common case of :meth:`reserve_worst`, decided in a few comparisons: every window of ``chain``
+        has room for the whole worst case (prompt and all ``wanted`` output tokens), in its current minute.
+        Then the reservation is held and granted whole, as :meth:`reserve_worst` would grant it (the same
+        expressions: a window's room, less the prompt, covers the output); None otherwise, with nothing
+        changed: the request takes :meth:`reserve_worst`, which clamps, refuses or starts a new window."""
+        minute = int(time.time()) // 60
+        out_usd = wanted * price
+        # A hair more than the output's price: where room / price would round to just under ``wanted`` (a
+        # window with exactly the room), the rule clamps by a token; here such a window is left to the rule.
+        need = out_usd * (1 + 1e-12)
+        for c, tokens_limit, day_limit, month_limit in chain.held:
+            if (c.minute != minute or tokens_limit - (c.tokens + c.held_tokens) - ptok < wanted
+                    or day_limit - (c.day_usd + c.held_usd) - pusd < need
+                    or month_limit - (c.month_usd + c.held_usd) - pusd < need):
+                return None
+        tokens = ptok + wanted
+        usd = pusd + out_usd
+        for c in chain.holders:
+            c.held_tokens += tokens
+            c.held_usd += usd
+        self._count += 1
+        return Grant(self._count, chain.names, tokens, usd, wanted, True, False, "", chain)  # positional: cheaper
+
+    def settle(self, grant: Grant, buckets: tuple[str, ...], tokens: int, cost_usd: float) -> None:
+        """:meth:`release` then :meth:`add`, in one call (this runs on every budgeted request). A grant of
+        :meth:`reserve_whole` names its counters: ``buckets`` is not read (its chain counts in them)."""
+        chain = grant.chain
+        holders = (chain.holders if chain is not None else
+                   [c for c in map(self._buckets.get, grant.buckets) if c is not None])
+        held_tokens, held_usd = grant.tokens, grant.usd
+        for c in holders:
+            c.held_tokens -= held_tokens
+            c.held_usd -= held_usd
+            if c.held_tokens <= 0 and c.held_usd <= 1e-12:  # no float dust left behind
+                c.held_tokens, c.held_usd = 0, 0.0
         if tokens or cost_usd:  # self.add(buckets, tokens, cost_usd), written out: one call fewer per request
             now = time.time()
             minute = int(now) // 60
-            for bucket in buckets:
-                c = self._buckets.get(bucket) or self._counters(bucket, now)
+            counted = (chain.counted if chain is not None else
+                       [self._buckets.get(bucket) or self._counters(bucket, now) for bucket in buckets])
+            for c in counted:
                 if c.minute != minute:
                     _roll(c, now)
                 c.tokens += tokens
