@@ -179,6 +179,9 @@ def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgete
             "added_cpu_us_per_request_c64": paired(diffs("high_c64", "cpu_us_per_request"), 1),
         }
     out["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
+    # every sample as it came (requests/s, CPU µs per request), round by round: where the spread comes from
+    out["samples"] = {label: {name: [(s["rps"], s["cpu_us_per_request"]) for s in xs] for name, xs in by.items()}
+                      for label, by in samples.items()}
     return out
 
 
