@@ -72,11 +72,21 @@ def main() -> None:
     def reserve_settle() -> None:
         drive(spend.settle(spend.reserve_now(key.spend_limits, ask), key.spend_buckets, 10, 0.0))  # type: ignore[arg-type]
 
+    chain = spend.ledger.chain(key.spend_limits, key.spend_buckets)
+    assert chain is not None
+
+    def whole_settle() -> None:  # the plan's way (budget.Plan): reserve_whole, settled through the chain
+        grant = spend.ledger.reserve_whole(chain, ask.prompt_tokens, ask.prompt_usd, ask.output_tokens,
+                                           ask.output_usd_per_token)
+        assert grant is not None
+        spend.ledger.settle(grant, (), 10, 0.0)
+
     clamped = {**request, "max_tokens": 4000}
     piece("empty", lambda: None)
     piece("ask_for", lambda: budget.ask_for(api, request, len(body), route, key, 3.0, 4096))
     piece("reserve", lambda: spend.reserve_now(key.spend_limits, ask))
     piece("reserve_settle", reserve_settle)
+    piece("reserve_whole_settle", whole_settle)
     piece("add", lambda: drive(spend.add(key.spend_buckets, 10, 0.0)))
     piece("dict_copy", lambda: dict(request))
     piece("apply_allowance_with_dict_copy",

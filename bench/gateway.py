@@ -4,6 +4,7 @@
     python bench/gateway.py --seconds 5
     python bench/gateway.py --budget-only   # a key without vs with a budget, paired rounds (~1.5 minutes)
     python bench/gateway.py --budget-only --before /tmp/old   # … in this tree and in another, same run (~3)
+    python bench/gateway.py --budget-only --budget-phases high_c64 --budget-rounds 40   # the ratio alone (~4)
     python bench/gateway.py --before /tmp/old --core-only   # + keyplane from another source tree, same run
 
 Reports added p50/p99 latency at 1 and 8 connections, throughput at high load (64 connections) with the CPU
@@ -129,7 +130,7 @@ BUDGET_PHASES = (("single_c1", 1, 1), ("moderate_c8", 8, 1), ("high_c64", 64, 2)
 
 
 def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgeted: str, work: Path,
-                   rounds: int, seconds: int) -> dict[str, Any]:
+                   rounds: int, seconds: int, phases: tuple[str, ...] = ()) -> dict[str, Any]:
     """The same route and keyplane, a key without and one with a budget, paired (same run).
 
     ``urls``: keyplane (and keyplane_before with ``--before``) -> its chat URL; ``pids``: their processes,
@@ -148,6 +149,8 @@ def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgete
     out: dict[str, Any] = {}
     samples: dict[str, dict[str, list[dict[str, float]]]] = {}
     for label, connections, length in BUDGET_PHASES:
+        if phases and label not in phases:
+            continue
         hp.CONNECTIONS = connections
         samples[label] = {name: [] for name in targets}
         for url, headers, _pid in targets.values():
@@ -169,15 +172,19 @@ def measure_budget(urls: dict[str, str], pids: dict[str, int], key: str, budgete
         def diffs(label: str, metric: str, no: str = no, yes: str = yes) -> list[float]:
             return [b[metric] - a[metric] for a, b in zip(samples[label][no], samples[label][yes], strict=True)]
 
-        c64 = samples["high_c64"]
-        out[f"{server}_summary"] = {
-            "added_p50_ms_c1": paired(diffs("single_c1", "p50_ms")),
-            "added_p50_ms_c8": paired(diffs("moderate_c8", "p50_ms")),
-            "throughput_ratio_c64": paired([b["rps"] / a["rps"] for a, b in zip(c64[no], c64[yes], strict=True)]),
-            "added_cpu_us_per_request_c1": paired(diffs("single_c1", "cpu_us_per_request"), 1),
-            "added_cpu_us_per_request_c8": paired(diffs("moderate_c8", "cpu_us_per_request"), 1),
-            "added_cpu_us_per_request_c64": paired(diffs("high_c64", "cpu_us_per_request"), 1),
-        }
+        summary: dict[str, Any] = {}
+        if "single_c1" in samples:
+            summary["added_p50_ms_c1"] = paired(diffs("single_c1", "p50_ms"))
+        if "moderate_c8" in samples:
+            summary["added_p50_ms_c8"] = paired(diffs("moderate_c8", "p50_ms"))
+        if "high_c64" in samples:
+            c64 = samples["high_c64"]
+            summary["throughput_ratio_c64"] = paired([b["rps"] / a["rps"]
+                                                      for a, b in zip(c64[no], c64[yes], strict=True)])
+        for label, short in (("single_c1", "c1"), ("moderate_c8", "c8"), ("high_c64", "c64")):
+            if label in samples:
+                summary[f"added_cpu_us_per_request_{short}"] = paired(diffs(label, "cpu_us_per_request"), 1)
+        out[f"{server}_summary"] = summary
     out["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     # every sample as it came (requests/s, CPU µs per request), round by round: where the spread comes from
     out["samples"] = {label: {name: [(s["rps"], s["cpu_us_per_request"]) for s in xs] for name, xs in by.items()}
@@ -255,6 +262,9 @@ def main() -> None:
                         help="measure only a key without vs with a budget (writes bench/results/budget.json)")
     parser.add_argument("--budget-rounds", type=int, default=12,
                         help="paired rounds per connection count in the budget measurement")
+    parser.add_argument("--budget-phases", default="",
+                        help="only these of single_c1,moderate_c8,high_c64 (comma-separated): e.g. many rounds of "
+                             "high_c64 alone, where each sample's spread on a noisy machine needs more rounds")
     parser.add_argument("--budget-seconds", type=int, default=1,
                         help="seconds of each budget sample (twice that at 64 connections)")
     parser.add_argument("--before", type=Path, help="a keyplane source tree to measure beside this one, same run")
@@ -309,7 +319,8 @@ def main() -> None:
                     pids["keyplane_before"] = before.p.pid
                 budget = {"when": datetime.now(UTC).isoformat(timespec="seconds"),
                           "seconds": args.budget_seconds, "rounds": args.budget_rounds,
-                          **measure_budget(urls, pids, key, budgeted, work, args.budget_rounds, args.budget_seconds)}
+                          **measure_budget(urls, pids, key, budgeted, work, args.budget_rounds, args.budget_seconds,
+                                           tuple(args.budget_phases.split(",")) if args.budget_phases else ())}
                 print_budget(budget)
                 (ROOT / "bench" / "results").mkdir(exist_ok=True)
                 (ROOT / "bench" / "results" / "budget.json").write_text(json.dumps(budget, indent=2))
