@@ -175,3 +175,31 @@ async def test_requests_naming_no_bound_under_concurrency_never_overspend(
     assert bounds.count(ALLOWANCE) == 5 and len(served) >= 5, bounds  # five whole (and one clamped, mostly)
     assert await settled_usd(app, client, admin, key["id"]) <= limit + 1e-12
     assert await app.kp.spend.reserved(key["id"]) == (0.0, 0.0)
+
+
+@pytest.mark.usefixtures("provider")
+async def test_a_bound_that_fits_whole_goes_as_it_came_and_embeddings_reserve_their_prompt(
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str],
+    upstream: tuple[FakeUpstream, str],  # noqa: F811  # the fixture imported from test_budgets
+) -> None:
+    """What coding agents send (a bound named on every request): reserved whole where it fits, forwarded byte
+    for byte with no header; a bound past what is left is clamped by the rule; an embedding (no output bound)
+    reserves its prompt and settles. Each through the plan after the key's first request."""
+    fake, _ = upstream
+    profile = await make_profile(client, admin, "named", cost_per_day_usd=1.0, tokens_per_minute=10**6)
+    key, secret = await create_key(client, admin, limit_profile=profile)
+    headers = {**bearer(secret), "content-type": "application/json"}
+    raw = b'{"model":"metered-model","max_tokens":300, "messages":[{"role":"user","content":"hi"}]}'
+    for _ in range(3):  # the first seeds the windows (the rule), the next two take the plan
+        resp = await client.post(CHAT, content=raw, headers=headers)
+        assert resp.status_code == 200, resp.text
+        assert "x-keyplane-max-tokens-clamped" not in resp.headers and fake.requests[-1]["raw"] == raw
+    for _ in range(2):
+        emb = await client.post("/v1/embeddings", json={"model": "metered-model", "input": "x"}, headers=headers)
+        assert emb.status_code == 200, emb.text
+    # $1 a day at $100 per million output tokens: ~10,000 output tokens in all; 900 spent so far
+    resp = await client.post(CHAT, content=raw.replace(b"300", b"50000"), headers=headers)
+    clamped = int(resp.headers["x-keyplane-max-tokens-clamped"])
+    assert resp.status_code == 200 and 8_000 < clamped < 9_100 and fake.requests[-1]["body"]["max_tokens"] == clamped
+    assert await app.kp.spend.reserved(key["id"]) == (0.0, 0.0)
+    assert await settled_usd(app, client, admin, key["id"]) <= 1.0

@@ -23,13 +23,16 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyplane.domain.errors import KeyplaneError, invalid_request
 from keyplane.domain.policy import KeySnapshot
 from keyplane.gateway.wire import Api
 from keyplane.runtime.spend import Ask, Chain, SpendLedger
 from keyplane.services.providers import Route
+
+if TYPE_CHECKING:
+    from keyplane.gateway.proxy import Outcome
 
 CLAMPED_HEADER = b"x-keyplane-max-tokens-clamped"
 # OpenAI's reasoning models: Chat Completions refuses max_tokens for them ("use max_completion_tokens").
@@ -55,13 +58,7 @@ def worst_case(api: Api, request: dict[str, Any], body_len: int, route: Route, k
     fields = api.output_fields
     if not fields:
         return prompt_tokens, prompt_tokens * prompt_price, 0, 0.0, clamp, 0, 1
-    named = 0  # the smallest bound the request names (a positive int; type() is, not isinstance:
-    # True is an int to isinstance, and a bound of True is no bound)
-    if not request.keys().isdisjoint(fields):  # one C call where it names none
-        for name in fields:
-            value = request.get(name)
-            if type(value) is int and value > 0 and (not named or value < named):
-                named = value
+    named = 0 if request.keys().isdisjoint(fields) else named_bound(fields, request)  # one C call: none named
     choices = 1
     if "n" in request:
         choices = request["n"]
@@ -92,32 +89,72 @@ def bound_field(api: Api, model: Any) -> str:
 
 
 class Plan:
-    """What the common budgeted request needs, worked out once per (key snapshot, route, API) instead of per
-    request: a request that names no output bound and no ``n`` (most agents' requests) is reserved with
-    :meth:`SpendLedger.reserve_whole <keyplane.runtime.spend.SpendLedger.reserve_whole>` when every window has
-    room for its whole worst case, and given the default allowance with the member and header below. Every
-    other request (a bound named, a window that binds, a new minute) takes :func:`worst_case` and
-    ``SpendLedger.reserve_worst``: the rule itself, of which this is the case where nothing is clamped."""
+    """What a budgeted request needs, worked out once per (key snapshot, route, API) instead of per request,
+    so that the common request is reserved in a few comparisons (:meth:`reserve`): every window has room for
+    its whole worst case, so nothing is clamped and :meth:`SpendLedger.reserve_whole
+    <keyplane.runtime.spend.SpendLedger.reserve_whole>` holds it as the rule would. The rule itself
+    (:func:`worst_case`, ``SpendLedger.reserve_worst``) decides every other request: a window that binds, a new
+    minute, ``n`` choices, a bound named as something other than a positive int, clamping off without a bound."""
 
-    __slots__ = ("allowance", "api", "bytes_per_token", "chain", "field", "header", "key", "ledger",
-                 "member", "named", "price", "prompt_price", "route")
+    __slots__ = ("allowance", "bytes_per_token", "chain", "clamp", "field", "fields", "header", "key", "ledger",
+                 "member", "price", "prompt_price", "route")
 
     def __init__(self, key: KeySnapshot, route: Route, api: Api, model: str, ledger: SpendLedger, chain: Chain,
                  bytes_per_token: float, allowance: int) -> None:
-        self.key, self.route, self.api, self.ledger, self.chain = key, route, api, ledger, chain
+        self.key, self.route, self.ledger, self.chain = key, route, ledger, chain
         self.bytes_per_token = bytes_per_token
         self.prompt_price = prompt_usd_per_token(route)
-        self.price = route.output_per_mtok / 1e6
-        self.allowance = allowance
-        self.named = frozenset((*api.output_fields, "n"))  # a request naming one of these takes the rule
-        self.field = bound_field(api, model)
+        self.fields = api.output_fields
+        self.clamp = clamps(key)
+        # The output's price and the allowance a request naming no bound gets, with the field, the JSON member
+        # and the header that set and say it; an API without an output bound (embeddings) reserves its prompt.
+        self.price = route.output_per_mtok / 1e6 if api.output_fields else 0.0
+        self.allowance = allowance if api.output_fields else 0
+        self.field = bound_field(api, model) if api.output_fields else ""
         self.member = _member(self.field, allowance) if self.field in _MEMBERS else None
         self.header = (CLAMPED_HEADER, b"%d" % allowance)
 
-    @staticmethod
-    def applies(key: KeySnapshot, api: Api) -> bool:
-        """A plan serves requests whose bound may be lowered and set (else: the rule refuses or skips)."""
-        return bool(api.output_fields) and clamps(key)
+    def reserve(self, request: dict[str, Any], body_len: int, outcome: Outcome,
+                headers: list[tuple[bytes, bytes]]) -> bool | bytes | None:
+        """Reserve ``request`` whole if every window has room for it: the grant goes on ``outcome``, and a
+        request that named no bound gets the allowance (the header says so, in ``headers``). Returns what
+        ``proxy._granted`` would (False: sent unchanged; bytes: the member to splice in), or None, with nothing
+        reserved: the rule decides."""
+        if "n" in request:
+            return None
+        ptok = math.ceil(body_len / self.bytes_per_token) or 1  # as worst_case
+        fields = self.fields
+        if request.keys().isdisjoint(fields):
+            if fields and not self.clamp:
+                return None  # the rule refuses a bound it may not set (unbounded)
+            grant = self.ledger.reserve_whole(self.chain, ptok, ptok * self.prompt_price, self.allowance, self.price)
+            if grant is None:
+                return None
+            outcome.grant = grant
+            if not fields:
+                return False
+            request[self.field] = self.allowance
+            headers.append(self.header)
+            return self.member or True
+        named = named_bound(fields, request)
+        if not named:
+            return None
+        grant = self.ledger.reserve_whole(self.chain, ptok, ptok * self.prompt_price, named, self.price)
+        if grant is None:
+            return None
+        outcome.grant = grant
+        return False  # its bound fits whole: sent as it came
+
+
+def named_bound(fields: tuple[str, ...], request: dict[str, Any]) -> int:
+    """The smallest output bound ``request`` names in ``fields``, or 0 when it names none: a positive int
+    (``type()`` is, not ``isinstance``: True is an int to isinstance, and a bound of True is no bound)."""
+    named = 0
+    for name in fields:
+        value = request.get(name)
+        if type(value) is int and value > 0 and (not named or value < named):
+            named = value
+    return named
 
 
 def unbounded(api: Api) -> KeyplaneError:

@@ -223,22 +223,15 @@ class Upstream:
         changed: bool | bytes = False  # True: re-encode the request; bytes: the bound's member to splice in
         key = admission.key
         if key.spend_limits and api.metered:
-            # The common budgeted request first, written out here (it is on every one): it names no output bound
-            # and every window has room for its whole worst case (budget.Plan). Anything else takes the rule.
+            # The common budgeted request first: reserved whole in a few comparisons (budget.Plan); the rest,
+            # and a key's first request in this process (its windows not seeded yet), take the rule.
             plan = self._plans.get((key.id, id(route), api.name))
             if plan is None or plan.key is not key or plan.route is not route:
                 plan = self._plan(key, route, api, model)
-            grant = None
-            if plan is not None and request.keys().isdisjoint(plan.named):
-                ptok = math.ceil(len(body) / plan.bytes_per_token) or 1  # as budget.worst_case
-                grant = plan.ledger.reserve_whole(plan.chain, ptok, ptok * plan.prompt_price, plan.allowance,
-                                                  plan.price)
-                if grant is not None:  # granted whole: the default allowance is set, as the rule would
-                    outcome.grant = grant
-                    request[plan.field] = plan.allowance
-                    admission.headers.append(plan.header)  # a fresh list per request (enforce.Admission)
-                    changed = plan.member or True
-            if grant is None:
+            decided = None if plan is None else plan.reserve(request, len(body), outcome, admission.headers)
+            if decided is not None:
+                changed = decided
+            else:
                 reserved = self.reserve_now(admission, api, request, len(body), route, outcome)
                 if isinstance(reserved, Ask):  # a bucket's first request in this process, or the Redis mode
                     changed = await self.reserve(admission, api, request, reserved, outcome)
@@ -312,10 +305,9 @@ class Upstream:
 
     def _plan(self, key: KeySnapshot, route: Route, api: Api, model: str) -> budget.Plan | None:
         """The key's plan for this route and API, kept; None where the rule alone applies: the windows are in
-        Redis, no output bound to set (embeddings), clamping off, or a bucket's first request in this process
-        (not seeded yet)."""
+        Redis, or a bucket's first request in this process (not seeded yet)."""
         ledger = self.kp.spend.sync_ledger  # LocalSpend's; SharedSpend (Redis): None
-        if ledger is None or not budget.Plan.applies(key, api):
+        if ledger is None:
             return None
         chain = ledger.chain(key.spend_limits, key.spend_buckets)
         if chain is None:
