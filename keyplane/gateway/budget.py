@@ -65,7 +65,9 @@ def worst_case(api: Api, request: dict[str, Any], body_len: int, route: Route, k
     choices = 1
     if "n" in request:
         choices = request["n"]
-        if type(choices) is not int or choices < 1:  # n: a positive int, else one choice
+        if type(choices) is not int or choices < 1:  # n: a positive int, else one choice (null: absent)
+            if choices is not None:  # "8" or 8.0: many servers read 8 choices, which the reservation must cover
+                raise invalid_request("'n' must be a positive integer", param="n")
             choices = 1
     return (prompt_tokens, prompt_tokens * prompt_price, (named or default_allowance) * choices,
             route.output_per_mtok / 1e6, clamp, named, choices)
@@ -183,7 +185,20 @@ def apply_allowance(api: Api, request: dict[str, Any], granted: int, named: int,
             if per_choice < value:
                 request[field] = value = per_choice
             bound = bound or value
+        elif value is not None:  # "100000" or 1e5 beside an int bound: a lax server reads it as a bound too
+            request[field] = min(named, per_choice)
     return bound, None
+
+
+def odd_bound(api: Api, request: dict[str, Any]) -> bool:
+    """Does the request name an output bound that is neither null nor a positive int (``"100000"``, ``1e5``,
+    ``0``, ``true``)? Beside an int bound it is no bound to keyplane, but many servers read it as one (vLLM takes
+    ``max_completion_tokens`` over ``max_tokens``): it is set to the granted bound (:func:`apply_allowance`)."""
+    for field in api.output_fields:
+        value = request.get(field)
+        if value is not None and not (type(value) is int and value > 0):
+            return True
+    return False
 
 
 def splice(body: bytes, member: bytes) -> bytes | None:

@@ -479,7 +479,7 @@ def _granted(admission: Admission, api: Api, request: dict[str, Any], wanted: in
     if type(granted) is Exhausted:
         raise spend_refusal(granted)
     outcome.grant = granted  # type: ignore[assignment]  # a Grant
-    if not api.output_fields or (named and granted.output_tokens >= wanted):
+    if not api.output_fields or (named and granted.output_tokens >= wanted and not budget.odd_bound(api, request)):
         return False
     bound, member = budget.apply_allowance(api, request, granted.output_tokens, named, choices)
     # a fresh list per request (enforce.Admission): appended to in place
