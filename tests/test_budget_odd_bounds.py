@@ -85,3 +85,21 @@ async def test_best_of_on_completions_counts_every_completion_generated(
     sent = fake.requests[-1]["body"]
     prompt = -(-len(raw) // 3)
     assert prompt + generated_at_most(sent) <= limit, sent
+
+
+@pytest.mark.usefixtures("provider")
+async def test_best_of_without_a_bound_is_reserved_for_every_answer(
+    client: httpx.AsyncClient, admin: dict[str, str], upstream: tuple[FakeUpstream, str],  # noqa: F811
+) -> None:
+    """The default allowance per answer, times ``best_of``, is what a request naming no bound reserves: on a
+    key's first request (the rule seeds its windows) and on the next (its plan: budget.Plan), a window with
+    room for one whole allowance but not four clamps each answer."""
+    fake, _ = upstream
+    limit = 10_000
+    profile = await make_profile(client, admin, "ten-thousand", tokens_per_minute=limit)
+    _key, secret = await create_key(client, admin, limit_profile=profile)
+    for _ in range(2):
+        resp = await client.post("/v1/completions", json={"model": "metered-model", "prompt": "hi", "best_of": 4},
+                                 headers=bearer(secret))
+        assert resp.status_code == 200, resp.text
+        assert generated_at_most(fake.requests[-1]["body"]) <= limit, fake.requests[-1]["body"]

@@ -4,7 +4,8 @@
     prompt     = request body bytes / KEYPLANE_PROMPT_BYTES_PER_TOKEN (default 3: English runs ~4 bytes
                  per token, CJK ~3; 1 is an upper bound for text, since a token is at least one byte),
                  priced at the dearer of the input and cache-write prices
-    output     = the request's max_tokens (max_completion_tokens, max_output_tokens) times its choices,
+    output     = the request's max_tokens (max_completion_tokens, max_output_tokens) times its choices (n,
+                 or best_of where larger: Completions generates and bills best_of answers),
                  or KEYPLANE_OUTPUT_ALLOWANCE_TOKENS when it names none, priced at the output price
 
 When the allowance does not fit the tightest window the key or a parent has left, it is lowered to what
@@ -36,6 +37,9 @@ CLAMPED_HEADER = b"x-keyplane-max-tokens-clamped"
 _REASONING_MODEL = re.compile(r"(o[1-9]\d*|gpt-5)([-.:_].*)?", re.IGNORECASE)
 
 
+# How many answers a request generates, each up to its output bound: ``n``, and ``best_of`` (Completions
+# generates, and bills, that many server-side and returns the best ``n``).
+CHOICES = ("n", "best_of")
 Worst = tuple[int, float, int, float, bool, int, int]  # an Ask's fields, in its order
 
 
@@ -63,12 +67,13 @@ def worst_case(api: Api, request: dict[str, Any], body_len: int, route: Route, k
             if type(value) is int and value > 0 and (not named or value < named):
                 named = value
     choices = 1
-    if "n" in request:
-        choices = request["n"]
-        if type(choices) is not int or choices < 1:  # n: a positive int, else one choice (null: absent)
-            if choices is not None:  # "8" or 8.0: many servers read 8 choices, which the reservation must cover
-                raise invalid_request("'n' must be a positive integer", param="n")
-            choices = 1
+    if not request.keys().isdisjoint(CHOICES):
+        for name in CHOICES:
+            value = request.get(name)
+            if type(value) is int and value > 0:
+                choices = max(choices, value)
+            elif value is not None:  # "8" or 8.0: many servers read 8 choices, which the reservation must cover
+                raise invalid_request(f"'{name}' must be a positive integer", param=name)
     return (prompt_tokens, prompt_tokens * prompt_price, (named or default_allowance) * choices,
             route.output_per_mtok / 1e6, clamp, named, choices)
 
@@ -111,7 +116,7 @@ class Plan:
         self.prompt_price = prompt_usd_per_token(route)
         self.price = route.output_per_mtok / 1e6
         self.allowance = allowance
-        self.named = frozenset((*api.output_fields, "n"))  # a request naming one of these takes the rule
+        self.named = frozenset((*api.output_fields, *CHOICES))  # a request naming one of these takes the rule
         self.field = bound_field(api, model)
         self.member = _member(self.field, allowance) if self.field in _MEMBERS else None
         self.header = (CLAMPED_HEADER, b"%d" % allowance)
