@@ -264,6 +264,12 @@ class Upstream:
         store = request.get("store") is not False
 
         async def before_last_byte() -> None:
+            grant = outcome.grant
+            if grant is not None and not outcome.input_tokens and not outcome.output_tokens:
+                # Answered, and the provider reported no usage (Responses' background: true answers "queued"
+                # and generates afterwards; some servers never report it): it spent what was reserved, at most.
+                outcome.input_tokens, outcome.output_tokens = grant.tokens - grant.output_tokens, grant.output_tokens
+                outcome.cost_usd = grant.usd
             pending = self.settle_now(admission, outcome)  # None: settled already, without an await
             if pending is not None:
                 await pending
