@@ -220,6 +220,12 @@ class Upstream:
         if routes is None:
             routes = await self.kp.routes_for(org_id)
         route = outcome.route = _route_in(routes, model, outcome, api)
+        previous = request.get("previous_response_id") if api.name == "responses" else None
+        if isinstance(previous, str):  # another key's stored answer is continued no more than read back
+            owner = await self.stored_responses.owner_of(previous)
+            if owner is not None and owner != admission.key.id:
+                raise KeyplaneError(404, "not_found", f"No stored response '{previous[:100]}' for this key",
+                                    extra={"param": "previous_response_id"})
         changed: bool | bytes = False  # True: re-encode the request; bytes: the bound's member to splice in
         key = admission.key
         if key.spend_limits and api.metered:

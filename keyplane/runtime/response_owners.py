@@ -29,6 +29,11 @@ class ResponseOwners:
         owner = self._owners.get(response_id)
         return owner[1] if owner is not None and owner[0] == key_id else None
 
+    async def owner_of(self, response_id: str) -> str | None:
+        """The key that created the answer, where known (None: an answer this gateway never stored)."""
+        owner = self._owners.get(response_id)
+        return owner[0] if owner is not None else None
+
 
 class SharedResponseOwners(ResponseOwners):
     """Also in Redis (one SET per answer, expiring with it); this process's own map when Redis is down."""
@@ -62,6 +67,20 @@ class SharedResponseOwners(ResponseOwners):
                 return None
             owner, _, model = raw.decode().partition("\n")
             return model if owner == key_id else None
+
+        async def unknown() -> str | None:
+            return None
+
+        return await self.shared.call(in_redis, unknown)
+
+    async def owner_of(self, response_id: str) -> str | None:
+        local = await super().owner_of(response_id)
+        if local is not None:
+            return local
+
+        async def in_redis() -> str | None:
+            raw = await self.shared.client.get(self._key(response_id))
+            return None if raw is None else raw.decode().partition("\n")[0]
 
         async def unknown() -> str | None:
             return None
