@@ -36,3 +36,30 @@ async def test_another_keys_stored_answer_cannot_be_continued(
     unknown = await client.post("/v1/responses", json={**follow, "previous_response_id": "resp_unknown"},
                                 headers=bearer(other))
     assert unknown.status_code == 200, unknown.text  # an answer keyplane never saw: the upstream decides
+
+
+async def test_a_continued_conversation_is_reserved_with_what_it_carries(
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str], providers: None,  # noqa: F811
+    upstream: tuple[FakeAgentUpstream, str],  # noqa: F811
+) -> None:
+    """``previous_response_id`` makes the upstream read the whole stored conversation as input, which the body
+    does not hold: the reservation counts the tokens of the answer it continues (its input and output), so
+    concurrent follow-ups of a long conversation cannot each reserve a few bytes' worth and spend far more."""
+    profile = await client.post("/api/v1/limit-profiles", json={"name": "dollar", "cost_per_day_usd": 1.0},
+                                headers=admin)
+    assert profile.status_code == 201, profile.text
+    key, secret = await create_key(client, admin, limit_profile="dollar")
+    first = await client.post("/v1/responses", json={"model": "gpt-resp", "input": "hi", "max_output_tokens": 100},
+                              headers=bearer(secret))
+    assert first.status_code == 200, first.text
+    response_id = first.json()["id"]
+    # As if that answer had ended a conversation of a million tokens ($2 of input at gpt-resp's $2 per million).
+    await app.upstream.stored_responses.remember(response_id, key["id"], "gpt-resp", 1_000_000)
+    follow = {"model": "gpt-resp", "input": "go on", "previous_response_id": response_id, "max_output_tokens": 100}
+    refused = await client.post("/v1/responses", json=follow, headers=bearer(secret))
+    assert assert_error(refused, 429, "budget_exceeded")["limit"] == "cost_per_day_usd"
+    del follow["max_output_tokens"]  # naming no bound: the key's plan (budget.Plan) would reserve the body alone
+    refused = await client.post("/v1/responses", json=follow, headers=bearer(secret))
+    assert assert_error(refused, 429, "budget_exceeded")["limit"] == "cost_per_day_usd"
+    fresh = await client.post("/v1/responses", json={"model": "gpt-resp", "input": "hi"}, headers=bearer(secret))
+    assert fresh.status_code == 200, fresh.text  # the budget itself is fine

@@ -220,12 +220,15 @@ class Upstream:
         if routes is None:
             routes = await self.kp.routes_for(org_id)
         route = outcome.route = _route_in(routes, model, outcome, api)
+        carried = 0  # the tokens of a stored conversation the request continues: input the body does not hold
         previous = request.get("previous_response_id") if api.name == "responses" else None
         if isinstance(previous, str):  # another key's stored answer is continued no more than read back
-            owner = await self.stored_responses.owner_of(previous)
-            if owner is not None and owner != admission.key.id:
-                raise KeyplaneError(404, "not_found", f"No stored response '{previous[:100]}' for this key",
-                                    extra={"param": "previous_response_id"})
+            found = await self.stored_responses.owner_of(previous)
+            if found is not None:
+                if found[0] != admission.key.id:
+                    raise KeyplaneError(404, "not_found", f"No stored response '{previous[:100]}' for this key",
+                                        extra={"param": "previous_response_id"})
+                carried = found[1]
         changed: bool | bytes = False  # True: re-encode the request; bytes: the bound's member to splice in
         key = admission.key
         if key.spend_limits and api.metered:
@@ -235,7 +238,7 @@ class Upstream:
             if plan is None or plan.key is not key or plan.route is not route:
                 plan = self._plan(key, route, api, model)
             grant = None
-            if plan is not None and request.keys().isdisjoint(plan.named):
+            if plan is not None and not carried and request.keys().isdisjoint(plan.named):
                 ptok = math.ceil(len(body) / plan.bytes_per_token) or 1  # as budget.worst_case
                 grant = plan.ledger.reserve_whole(plan.chain, ptok, ptok * plan.prompt_price, plan.allowance,
                                                   plan.price)
@@ -244,8 +247,11 @@ class Upstream:
                     request[plan.field] = plan.allowance
                     admission.headers.append(plan.header)  # a fresh list per request (enforce.Admission)
                     changed = plan.member or True
-            if grant is None:
-                reserved = self.reserve_now(admission, api, request, len(body), route, outcome)
+            if grant is None:  # the conversation carried counts as prompt (as many bytes as its tokens estimate)
+                body_len = len(body)
+                if carried:
+                    body_len += math.ceil(carried * self.kp.settings.prompt_bytes_per_token)
+                reserved = self.reserve_now(admission, api, request, body_len, route, outcome)
                 if isinstance(reserved, Ask):  # a bucket's first request in this process, or the Redis mode
                     changed = await self.reserve(admission, api, request, reserved, outcome)
                 else:
@@ -280,7 +286,8 @@ class Upstream:
             if pending is not None:
                 await pending
             if reader.response_id is not None and store:
-                await self.stored_responses.remember(reader.response_id, admission.key.id, outcome.model or "")
+                await self.stored_responses.remember(reader.response_id, admission.key.id, outcome.model or "",
+                                                     outcome.input_tokens + outcome.output_tokens)
 
         await self._relay(prepared, body, route, admission, receive, send, outcome, reader if api.metered else None,
                           stream, before_last_byte)
