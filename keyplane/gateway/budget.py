@@ -4,7 +4,8 @@
     prompt     = request body bytes / KEYPLANE_PROMPT_BYTES_PER_TOKEN (default 3: English runs ~4 bytes
                  per token, CJK ~3; 1 is an upper bound for text, since a token is at least one byte),
                  priced at the dearer of the input and cache-write prices
-    output     = the request's max_tokens (max_completion_tokens, max_output_tokens) times its choices,
+    output     = the request's max_tokens (max_completion_tokens, max_output_tokens) times its choices (n,
+                 or best_of where larger: Completions generates and bills best_of answers),
                  or KEYPLANE_OUTPUT_ALLOWANCE_TOKENS when it names none, priced at the output price
 
 When the allowance does not fit the tightest window the key or a parent has left, it is lowered to what
@@ -39,6 +40,9 @@ CLAMPED_HEADER = b"x-keyplane-max-tokens-clamped"
 _REASONING_MODEL = re.compile(r"(o[1-9]\d*|gpt-5)([-.:_].*)?", re.IGNORECASE)
 
 
+# How many answers a request generates, each up to its output bound: ``n``, and ``best_of`` (Completions
+# generates, and bills, that many server-side and returns the best ``n``).
+CHOICES = ("n", "best_of")
 Worst = tuple[int, float, int, float, bool, int, int]  # an Ask's fields, in its order
 
 
@@ -60,10 +64,13 @@ def worst_case(api: Api, request: dict[str, Any], body_len: int, route: Route, k
         return prompt_tokens, prompt_tokens * prompt_price, 0, 0.0, clamp, 0, 1
     named = 0 if request.keys().isdisjoint(fields) else named_bound(fields, request)  # one C call: none named
     choices = 1
-    if "n" in request:
-        choices = request["n"]
-        if type(choices) is not int or choices < 1:  # n: a positive int, else one choice
-            choices = 1
+    if not request.keys().isdisjoint(CHOICES):
+        for name in CHOICES:
+            value = request.get(name)
+            if type(value) is int and value > 0:
+                choices = max(choices, value)
+            elif value is not None:  # "8" or 8.0: many servers read 8 choices, which the reservation must cover
+                raise invalid_request(f"'{name}' must be a positive integer", param=name)
     return (prompt_tokens, prompt_tokens * prompt_price, (named or default_allowance) * choices,
             route.output_per_mtok / 1e6, clamp, named, choices)
 
@@ -120,7 +127,7 @@ class Plan:
         request that named no bound gets the allowance (the header says so, in ``headers``). Returns what
         ``proxy._granted`` would (False: sent unchanged; bytes: the member to splice in), or None, with nothing
         reserved: the rule decides."""
-        if "n" in request:
+        if not request.keys().isdisjoint(CHOICES):  # n, best_of: the rule counts (or refuses) them
             return None
         ptok = math.ceil(body_len / self.bytes_per_token) or 1  # as worst_case
         fields = self.fields
@@ -136,7 +143,14 @@ class Plan:
             request[self.field] = self.allowance
             headers.append(self.header)
             return self.member or True
-        named = named_bound(fields, request)
+        named = 0  # the smallest bound named, every one named a positive int (else the rule sets them)
+        for name in fields:
+            value = request.get(name)
+            if value is not None:
+                if type(value) is not int or value < 1:
+                    return None
+                if not named or value < named:
+                    named = value
         if not named:
             return None
         grant = self.ledger.reserve_whole(self.chain, ptok, ptok * self.prompt_price, named, self.price)
@@ -220,7 +234,20 @@ def apply_allowance(api: Api, request: dict[str, Any], granted: int, named: int,
             if per_choice < value:
                 request[field] = value = per_choice
             bound = bound or value
+        elif value is not None:  # "100000" or 1e5 beside an int bound: a lax server reads it as a bound too
+            request[field] = min(named, per_choice)
     return bound, None
+
+
+def odd_bound(fields: tuple[str, ...], request: dict[str, Any]) -> bool:
+    """Does the request name an output bound that is neither null nor a positive int (``"100000"``, ``1e5``,
+    ``0``, ``true``)? Beside an int bound it is no bound to keyplane, but many servers read it as one (vLLM takes
+    ``max_completion_tokens`` over ``max_tokens``): it is set to the granted bound (:func:`apply_allowance`)."""
+    for field in fields:
+        value = request.get(field)
+        if value is not None and not (type(value) is int and value > 0):
+            return True
+    return False
 
 
 def splice(body: bytes, member: bytes) -> bytes | None:

@@ -220,6 +220,15 @@ class Upstream:
         if routes is None:
             routes = await self.kp.routes_for(org_id)
         route = outcome.route = _route_in(routes, model, outcome, api)
+        carried = 0  # the tokens of a stored conversation the request continues: input the body does not hold
+        previous = request.get("previous_response_id") if api.name == "responses" else None
+        if isinstance(previous, str):  # another key's stored answer is continued no more than read back
+            found = await self.stored_responses.owner_of(previous)
+            if found is not None:
+                if found[0] != admission.key.id:
+                    raise KeyplaneError(404, "not_found", f"No stored response '{previous[:100]}' for this key",
+                                        extra={"param": "previous_response_id"})
+                carried = found[1]
         changed: bool | bytes = False  # True: re-encode the request; bytes: the bound's member to splice in
         key = admission.key
         if key.spend_limits and api.metered:
@@ -228,11 +237,15 @@ class Upstream:
             plan = self._plans.get((key.id, id(route), api.name))
             if plan is None or plan.key is not key or plan.route is not route:
                 plan = self._plan(key, route, api, model)
-            decided = None if plan is None else plan.reserve(request, len(body), outcome, admission.headers)
+            decided = (None if plan is None or carried else
+                       plan.reserve(request, len(body), outcome, admission.headers))
             if decided is not None:
                 changed = decided
-            else:
-                reserved = self.reserve_now(admission, api, request, len(body), route, outcome)
+            else:  # the conversation carried counts as prompt (as many bytes as its tokens estimate)
+                body_len = len(body)
+                if carried:
+                    body_len += math.ceil(carried * self.kp.settings.prompt_bytes_per_token)
+                reserved = self.reserve_now(admission, api, request, body_len, route, outcome)
                 if isinstance(reserved, Ask):  # a bucket's first request in this process, or the Redis mode
                     changed = await self.reserve(admission, api, request, reserved, outcome)
                 else:
@@ -257,11 +270,18 @@ class Upstream:
         store = request.get("store") is not False
 
         async def before_last_byte() -> None:
+            grant = outcome.grant
+            if grant is not None and not outcome.input_tokens and not outcome.output_tokens:
+                # Answered, and the provider reported no usage (Responses' background: true answers "queued"
+                # and generates afterwards; some servers never report it): it spent what was reserved, at most.
+                outcome.input_tokens, outcome.output_tokens = grant.tokens - grant.output_tokens, grant.output_tokens
+                outcome.cost_usd = grant.usd
             pending = self.settle_now(admission, outcome)  # None: settled already, without an await
             if pending is not None:
                 await pending
             if reader.response_id is not None and store:
-                await self.stored_responses.remember(reader.response_id, admission.key.id, outcome.model or "")
+                await self.stored_responses.remember(reader.response_id, admission.key.id, outcome.model or "",
+                                                     outcome.input_tokens + outcome.output_tokens)
 
         await self._relay(prepared, body, route, admission, receive, send, outcome, reader if api.metered else None,
                           stream, before_last_byte)
@@ -471,7 +491,8 @@ def _granted(admission: Admission, api: Api, request: dict[str, Any], wanted: in
     if type(granted) is Exhausted:
         raise spend_refusal(granted)
     outcome.grant = granted  # type: ignore[assignment]  # a Grant
-    if not api.output_fields or (named and granted.output_tokens >= wanted):
+    if not api.output_fields or (named and granted.output_tokens >= wanted
+                                 and not budget.odd_bound(api.output_fields, request)):
         return False
     bound, member = budget.apply_allowance(api, request, granted.output_tokens, named, choices)
     # a fresh list per request (enforce.Admission): appended to in place
