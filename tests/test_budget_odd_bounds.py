@@ -104,3 +104,26 @@ async def test_best_of_without_a_bound_is_reserved_for_every_answer(
                                  headers=bearer(secret))
         assert resp.status_code == 200, resp.text
         assert generated_at_most(fake.requests[-1]["body"]) <= limit, fake.requests[-1]["body"]
+
+
+@pytest.mark.parametrize("name", ["MAX_TOKENS", "Max_Tokens", "max_completion_TOKENS", "N", "Best_Of",
+                                  "max_to\u212aens", "max_token\u017f"])  # the Kelvin sign, the long s
+@pytest.mark.usefixtures("provider")
+async def test_a_bound_named_but_for_case_is_refused_on_a_budgeted_key(
+    client: httpx.AsyncClient, admin: dict[str, str], upstream: tuple[FakeUpstream, str],  # noqa: F811
+    name: str,
+) -> None:
+    """Go's encoding/json (Ollama, LocalAI) reads ``MAX_TOKENS`` (or ``max_to\\u212aens``) as max_tokens and keeps
+    the last: after the bound keyplane set or counted, it would generate 100,000 tokens on a budget that paid for
+    fewer. Refused before anything is reserved or sent, on every budgeted request (the first and the next)."""
+    fake, _ = upstream
+    profile = await make_profile(client, admin, "cased", cost_per_day_usd=100.0)
+    _key, secret = await create_key(client, admin, limit_profile=profile)
+    ok = await client.post(CHAT, json={"model": "metered-model", "messages": MESSAGES}, headers=bearer(secret))
+    assert ok.status_code == 200, ok.text
+    sent_before = len(fake.requests)
+    for body in ({name: 100_000}, {"max_tokens": 5, name: 100_000}):
+        resp = await client.post(CHAT, json={"model": "metered-model", "messages": MESSAGES, **body},
+                                 headers=bearer(secret))
+        assert assert_error(resp, 400, "invalid_request")["param"] == name
+    assert len(fake.requests) == sent_before

@@ -239,6 +239,23 @@ def apply_allowance(api: Api, request: dict[str, Any], granted: int, named: int,
     return bound, None
 
 
+_COUNTED = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens", *CHOICES))
+
+
+def case_variant(request: dict[str, Any]) -> str | None:
+    """A member named like an output bound or a choice count but for case (``MAX_TOKENS``, ``N``, or a Unicode
+    fold such as the Kelvin sign in ``max_to\u212aens``), or None. Go's encoding/json (Ollama, LocalAI) matches
+    names ignoring case and keeps the last: it would generate a bound keyplane neither counted nor lowered."""
+    names = "\0".join(request)
+    if names.isascii() and names.islower():  # the usual request, checked in C: no name folds to another
+        return None
+    for name in request:
+        folded = name.casefold()
+        if folded != name and folded in _COUNTED:
+            return name
+    return None
+
+
 def odd_bound(fields: tuple[str, ...], request: dict[str, Any]) -> bool:
     """Does the request name an output bound that is neither null nor a positive int (``"100000"``, ``1e5``,
     ``0``, ``true``)? Beside an int bound it is no bound to keyplane, but many servers read it as one (vLLM takes

@@ -232,6 +232,10 @@ class Upstream:
         changed: bool | bytes = False  # True: re-encode the request; bytes: the bound's member to splice in
         key = admission.key
         if key.spend_limits and api.metered:
+            variant = budget.case_variant(request)
+            if variant is not None:
+                raise invalid_request(f"Unknown parameter '{variant[:100]}': output bounds and choice counts are "
+                                      f"named in lower case ('{variant.casefold()[:100]}')", param=variant[:100])
             # The common budgeted request first: reserved whole in a few comparisons (budget.Plan); the rest,
             # and a key's first request in this process (its windows not seeded yet), take the rule.
             plan = self._plans.get((key.id, id(route), api.name))
