@@ -24,12 +24,14 @@ from __future__ import annotations
 import functools
 import math
 import re
+import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from keyplane.domain.errors import KeyplaneError, invalid_request
 from keyplane.domain.policy import KeySnapshot
 from keyplane.gateway.wire import Api
-from keyplane.runtime.spend import Ask, Chain, SpendLedger
+from keyplane.runtime.spend import Ask, Chain, Exhausted, SpendLedger
 from keyplane.services.providers import Route
 
 if TYPE_CHECKING:
@@ -169,6 +171,22 @@ def named_bound(fields: tuple[str, ...], request: dict[str, Any]) -> int:
         if type(value) is int and value > 0 and (not named or value < named):
             named = value
     return named
+
+
+def refusal(spent: Exhausted) -> KeyplaneError:
+    """The request's worst case does not fit what a window has left (settled and reserved spend deducted)."""
+    retry_after = max(1, math.ceil(spent.resets_at - time.time()))
+    resets_at = datetime.fromtimestamp(spent.resets_at, UTC).isoformat().replace("+00:00", "Z")
+    what = "tokens this minute" if spent.is_rate else "USD"
+    left = f"{spent.remaining:.0f}" if spent.is_rate else f"{spent.remaining:.6g}"
+    return KeyplaneError(
+        429, "tokens_exceeded" if spent.is_rate else "budget_exceeded",
+        f"Limit {spent.limit} of {spent.value:g} {what}: {left} left (in-flight requests' reservations "
+        f"deducted), not enough for this request; it resets at {resets_at}",
+        headers={"Retry-After": str(retry_after)},
+        extra={"limit": spent.limit, "remaining": round(spent.remaining, 9), "resets_at": resets_at,
+               "retry_after": retry_after},
+    )
 
 
 def unbounded(api: Api) -> KeyplaneError:

@@ -12,7 +12,8 @@ from keyplane.gateway.asgi import BodyTooLarge, Receive, Scope, Send, read_body,
 from keyplane.gateway.enforce import Enforcer, Refused
 from keyplane.gateway.metrics import Metrics
 from keyplane.gateway.model_name import model_named
-from keyplane.gateway.proxy import Outcome, Upstream, send_model, send_models
+from keyplane.gateway.models import send_model, send_models
+from keyplane.gateway.proxy import Outcome, Upstream
 from keyplane.gateway.wire import APIS, anthropic_error_body, speaks_anthropic
 from keyplane.services.container import Keyplane
 

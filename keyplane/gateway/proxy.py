@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -19,7 +17,7 @@ import orjson
 from keyplane.domain.errors import KeyplaneError, invalid_request
 from keyplane.domain.policy import KeySnapshot
 from keyplane.gateway import budget
-from keyplane.gateway.asgi import ClientLeft, Receive, Scope, Send, relay_until_client_leaves, send_json
+from keyplane.gateway.asgi import ClientLeft, Receive, Scope, Send, relay_until_client_leaves
 from keyplane.gateway.enforce import Admission
 from keyplane.gateway.http_client import HttpClient, HttpClientError, Prepared, Response
 from keyplane.gateway.model_name import recorded_model
@@ -58,22 +56,6 @@ class Outcome:
         self.input_tokens, self.output_tokens = tokens.input, tokens.output
         self.cache_write_tokens, self.cache_read_tokens = tokens.cache_write, tokens.cache_read
         self.cost_usd = route.cost(tokens.input, tokens.output, tokens.cache_write, tokens.cache_read)
-
-
-def spend_refusal(spent: Exhausted) -> KeyplaneError:
-    """The request's worst case does not fit what a window has left (settled and reserved spend deducted)."""
-    retry_after = max(1, math.ceil(spent.resets_at - time.time()))
-    resets_at = datetime.fromtimestamp(spent.resets_at, UTC).isoformat().replace("+00:00", "Z")
-    what = "tokens this minute" if spent.is_rate else "USD"
-    left = f"{spent.remaining:.0f}" if spent.is_rate else f"{spent.remaining:.6g}"
-    return KeyplaneError(
-        429, "tokens_exceeded" if spent.is_rate else "budget_exceeded",
-        f"Limit {spent.limit} of {spent.value:g} {what}: {left} left (in-flight requests' reservations "
-        f"deducted), not enough for this request; it resets at {resets_at}",
-        headers={"Retry-After": str(retry_after)},
-        extra={"limit": spent.limit, "remaining": round(spent.remaining, 9), "resets_at": resets_at,
-               "retry_after": retry_after},
-    )
 
 
 def upstream_message(resp_body: bytes, route: Route) -> str:
@@ -493,7 +475,7 @@ def _granted(admission: Admission, api: Api, request: dict[str, Any], wanted: in
     unchanged; True: it changed (re-encode it); bytes: only a bound it did not name was set, this JSON member
     (budget.apply_allowance), to splice into the body as sent."""
     if type(granted) is Exhausted:
-        raise spend_refusal(granted)
+        raise budget.refusal(granted)
     outcome.grant = granted  # type: ignore[assignment]  # a Grant
     if not api.output_fields or (named and granted.output_tokens >= wanted
                                  and not budget.odd_bound(api.output_fields, request)):
@@ -502,23 +484,3 @@ def _granted(admission: Admission, api: Api, request: dict[str, Any], wanted: in
     # a fresh list per request (enforce.Admission): appended to in place
     admission.headers.append((budget.CLAMPED_HEADER, budget.DIGITS.get(bound) or budget.digits(bound)))
     return member or True
-
-
-def _model(name: str, route: Route) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": route.provider}
-
-
-async def send_models(kp: Keyplane, admission: Admission, send: Send) -> None:
-    routes = await kp.routes_for(admission.key.org_id)
-    allowed = admission.key.allowed_models
-    data = [_model(name, route) for name, route in sorted(routes.items()) if not allowed or name in allowed]
-    await send_json(send, 200, {"object": "list", "data": data}, admission.headers)
-
-
-async def send_model(kp: Keyplane, admission: Admission, name: str, send: Send) -> None:
-    """``GET /v1/models/{id}``: the model as listed, or 404 when this key cannot see it (as if it did not exist)."""
-    route = (await kp.routes_for(admission.key.org_id)).get(name)
-    allowed = admission.key.allowed_models
-    if route is None or (allowed and name not in allowed):
-        raise KeyplaneError(404, "not_found", f"No model '{name}' is available to this key", extra={"param": "model"})
-    await send_json(send, 200, _model(name, route), admission.headers)
