@@ -127,3 +127,27 @@ async def test_a_bound_named_but_for_case_is_refused_on_a_budgeted_key(
                                  headers=bearer(secret))
         assert assert_error(resp, 400, "invalid_request")["param"] == name
     assert len(fake.requests) == sent_before
+
+
+@pytest.mark.usefixtures("provider")
+async def test_a_clamp_leaves_each_choice_a_token_or_refuses(
+    app: KeyplaneApp, client: httpx.AsyncClient, admin: dict[str, str],
+    upstream: tuple[FakeUpstream, str],  # noqa: F811
+) -> None:
+    """Room for fewer output tokens than the request's ``n`` choices: clamped, each choice would still get one
+    token (``max_tokens: 1`` times n generated against fewer reserved): refused instead, on every backend; with
+    room for a token per choice it is clamped to what fits."""
+    fake, _ = upstream
+    prompt = {"model": "metered-model", "messages": MESSAGES}
+    # a window of 120 tokens a minute: the prompt estimate (~25) leaves room for ~95 output tokens in all
+    profile = await make_profile(client, admin, "choices", tokens_per_minute=120)
+    _key, secret = await create_key(client, admin, limit_profile=profile)
+    sent_before = len(fake.requests)
+    refused = await client.post(CHAT, json={**prompt, "n": 128, "max_tokens": 50}, headers=bearer(secret))
+    assert assert_error(refused, 429, "tokens_exceeded")["limit"] == "tokens_per_minute"
+    assert len(fake.requests) == sent_before
+    clamped = await client.post(CHAT, json={**prompt, "n": 4, "max_tokens": 50}, headers=bearer(secret))
+    assert clamped.status_code == 200, clamped.text
+    per_choice = fake.requests[-1]["body"]["max_tokens"]
+    assert 1 <= per_choice < 50 and int(clamped.headers["x-keyplane-max-tokens-clamped"]) == per_choice
+    assert await app.kp.spend.reserved(_key["id"]) == (0.0, 0.0)

@@ -304,7 +304,7 @@ class Upstream:
             raise budget.unbounded(api)
         ledger = self.kp.spend.sync_ledger  # LocalSpend's; SharedSpend (Redis): None
         granted = (None if ledger is None else
-                   ledger.reserve_worst(key.spend_limits, ptok, pusd, wanted, price, clamp, None, True))
+                   ledger.reserve_worst(key.spend_limits, ptok, pusd, wanted, price, clamp, None, True, choices))
         if granted is None:
             return Ask(ptok, pusd, wanted, price, clamp, named, choices)
         return _granted(admission, api, request, wanted, named, choices, granted, outcome)

@@ -121,7 +121,7 @@ def afford(ask: Ask, windows_left: list[tuple[float, float, str]]) -> int:
             fits = int(room / per + 1e-9)
             if fits < best:
                 best, binding = fits, i
-    if best < ask.output_tokens and (not ask.clamp or best < 1):
+    if best < ask.output_tokens and (not ask.clamp or best < ask.choices):  # each choice at least a token
         return -(binding + 1)
     return best
 
@@ -194,11 +194,11 @@ class SpendLedger:
         (the rule of :func:`afford`). ``seeded_only``: None, with nothing changed, when a bucket is not seeded
         yet (LocalSpend.reserve_now)."""
         return self.reserve_worst(limited, ask.prompt_tokens, ask.prompt_usd, ask.output_tokens,
-                                  ask.output_usd_per_token, ask.clamp, now, seeded_only)
+                                  ask.output_usd_per_token, ask.clamp, now, seeded_only, ask.choices)
 
     def reserve_worst(self, limited: tuple[tuple[str, Limits], ...], ptok: int, pusd: float, wanted: int,
                       price: float, clamp: bool, now: float | None = None,
-                      seeded_only: bool = False) -> Grant | Exhausted | None:
+                      seeded_only: bool = False, choices: int = 1) -> Grant | Exhausted | None:
         """:meth:`reserve` of an :class:`Ask`'s fields (``ptok``: prompt tokens, ``pusd``: prompt USD,
         ``wanted``: output tokens wanted, ``price``: USD per output token), written out over the windows:
         this runs on every budgeted request, and the gateway's embedded path builds no ``Ask`` for it."""
@@ -250,7 +250,9 @@ class SpendLedger:
                         best, binding = int(fits), ("budget_per_month_usd", limit, used)
                 elif room < 0:
                     return _exhausted("budget_per_month_usd", limit, used, now)
-        if binding is not None and (not clamp or best < 1):
+        # Clamped, each of the request's choices still gets a token at least (else n answers of one token
+        # each would be generated against fewer reserved): below that, refused.
+        if binding is not None and (not clamp or best < choices):
             return _exhausted(*binding, now)
         tokens = ptok + best
         usd = pusd + best * price

@@ -59,7 +59,8 @@ end
 # (the rule of spend.afford). KEYS: the family's reservation queue (sorted set: id -> deadline), the
 # reservation's record, then per limited bucket: tokens this minute, USD today, USD this month, reserved
 # tokens, reserved USD; all in one hash slot (names: runtime/spend_keys.py). ARGV: the family's prefix,
-# id, ttl seconds, prompt tokens, prompt USD, output tokens wanted, output USD per token, clamp (1/0),
+# id, ttl seconds, prompt tokens, prompt USD, output tokens wanted, output USD per token, the least output
+# a clamp may grant (the request's choices: a token each; 0: no clamping),
 # then per bucket its tokens/min, day and month limits (-1: none).
 # Returns {1, granted output tokens}, {0, window index (0-based, in KEYS order), used incl. reserved},
 # or {-1, bucket index} when a day/month counter is not seeded yet (the caller seeds and retries).
@@ -79,7 +80,8 @@ for _, old in ipairs(expired) do
 end
 local ttl = tonumber(ARGV[3])
 local ptok, pusd = tonumber(ARGV[4]), tonumber(ARGV[5])
-local wanted, price, clamp = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8] == '1'
+local wanted, price, least = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local clamp = least > 0
 local n = (#KEYS - 2) / 5
 local best, binding = wanted, -1
 local used = {}
@@ -106,7 +108,7 @@ for i = 0, n - 1 do
     end
   end
 end
-if best < wanted and ((not clamp) or best < 1) then return {0, binding, tostring(used[binding])} end
+if best < wanted and ((not clamp) or best < least) then return {0, binding, tostring(used[binding])} end
 local tok, usd = ptok + best, pusd + best * price
 local names = {}
 for i = 0, n - 1 do
@@ -187,7 +189,7 @@ class SharedSpend:
         args: list[str | int | float] = [self.names.script_prefix(family), grant_id,
                                          math.ceil(self.reservation_seconds), ask.prompt_tokens,
                                          repr(ask.prompt_usd), ask.output_tokens, repr(ask.output_usd_per_token),
-                                         1 if ask.clamp else 0]
+                                         ask.choices if ask.clamp else 0]  # clamp: to a token per choice
         for bucket, limits in limited:
             keys += [*self.names.windows(family, bucket, now), *self.names.reserved(family, bucket)]
             args += [-1 if x is None else repr(float(x)) for x in
