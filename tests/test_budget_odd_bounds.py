@@ -45,6 +45,8 @@ def generated_at_most(sent: dict[str, Any]) -> int:
     ({"max_tokens": 5, "n": "8"}, 5),
     ({"max_tokens": 5, "n": 8.0}, 5),
     ({"n": "8"}, 4096),
+    ({"max_completion_tokens": "100000"}, 4096),  # no int bound beside it: the field set is another one
+    ({"max_tokens": None, "max_completion_tokens": 1e5}, 4096),
 ])
 @pytest.mark.usefixtures("provider")
 async def test_a_bound_or_a_choice_count_keyplane_does_not_count_is_not_forwarded(

@@ -242,6 +242,10 @@ def apply_allowance(api: Api, request: dict[str, Any], granted: int, named: int,
         field = bound_field(api, request.get("model"))
         absent = field not in request
         request[field] = per_choice
+        for other in api.output_fields:  # "100000" or 1e5 in the other field: a lax server reads it (vLLM first)
+            if other != field and request.get(other) is not None:
+                request[other] = per_choice
+                absent = False  # changed beyond the member: re-encoded
         if not absent or field not in _MEMBERS:
             return per_choice, None
         return per_choice, _MEMBERS[field].get(per_choice) or _member(field, per_choice)
